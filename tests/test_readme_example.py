@@ -26,15 +26,13 @@ def _until_next_heading(text: str) -> str:
 
 
 def _section_code() -> tuple[str, Path]:
-    for path in (ROOT / "README.md", ROOT / "docs" / "losses_readme_section.md"):
-        if path.is_file():
-            text = path.read_text(encoding="utf-8")
-            if HEADING in text:
-                section = _until_next_heading(text.split(HEADING, 1)[1])
-                blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-                assert blocks, f"no ```python block under {HEADING!r} in {path}"
-                return "\n".join(blocks), path
-    raise AssertionError(f"{HEADING!r} found in neither README.md nor docs/losses_readme_section.md")
+    path = ROOT / "README.md"
+    text = path.read_text(encoding="utf-8")
+    assert HEADING in text, f"README.md lost its {HEADING!r} section"
+    section = _until_next_heading(text.split(HEADING, 1)[1])
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert blocks, f"no ```python block under {HEADING!r} in {path}"
+    return "\n".join(blocks), path
 
 
 def _np_log_softmax(x):
