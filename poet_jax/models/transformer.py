@@ -1,0 +1,462 @@
+"""One Flax NNX decoder-only transformer for Llama / Mistral / Qwen2 / Qwen3 / Gemma-2.
+
+Per-layer parameters are stacked with a leading ``layers`` axis; the layer loop is a
+``lax.scan`` (``config.scan_layers=True``: compile time independent of depth) or a
+Python loop over static slices. Gemma-2's alternating sliding/global layers scan a
+per-layer boolean that selects the mask. Every parameter carries logical axis names in
+its ``out_sharding`` metadata (see :mod:`poet_jax.sharding`).
+
+Parameter layout (``L`` layers, ``D`` hidden, ``H``/``K`` query/kv heads, ``Hd`` head dim,
+``F`` MLP width, ``V`` vocab): ``embed [V,D]``, ``lm_head [D,V]`` (untied only),
+``final_norm [D]``; ``layers.q_proj [L,D,H,Hd]``, ``k_proj``/``v_proj [L,D,K,Hd]``,
+``o_proj [L,H,Hd,D]``, ``gate_proj``/``up_proj [L,D,F]``, ``down_proj [L,F,D]``, norms ``[L,D]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import ModelConfig
+
+F32 = jnp.float32
+_NEG = -1e30  # masked attention score (finite: fully masked rows give a uniform softmax, not NaN)
+
+
+def layer_param_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """Per-layer parameter names -> (logical axes, shape), without the leading layers axis."""
+    D, H, K, Hd, Fm = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    s: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
+        "attn_norm": (("embed",), (D,)),
+        "q_proj": (("embed", "heads", "head_dim"), (D, H, Hd)),
+        "k_proj": (("embed", "kv_heads", "head_dim"), (D, K, Hd)),
+        "v_proj": (("embed", "kv_heads", "head_dim"), (D, K, Hd)),
+        "o_proj": (("heads", "head_dim", "embed"), (H, Hd, D)),
+        "mlp_norm": (("embed",), (D,)),
+        "gate_proj": (("embed", "mlp"), (D, Fm)),
+        "up_proj": (("embed", "mlp"), (D, Fm)),
+        "down_proj": (("mlp", "embed"), (Fm, D)),
+    }
+    if cfg.qkv_bias:
+        s["q_bias"] = (("heads", "head_dim"), (H, Hd))
+        s["k_bias"] = (("kv_heads", "head_dim"), (K, Hd))
+        s["v_bias"] = (("kv_heads", "head_dim"), (K, Hd))
+    if cfg.o_bias:
+        s["o_bias"] = (("embed",), (D,))
+    if cfg.qk_norm:
+        s["q_norm"] = (("head_dim",), (Hd,))
+        s["k_norm"] = (("head_dim",), (Hd,))
+    if cfg.sandwich_norms:
+        s["post_attn_norm"] = (("embed",), (D,))
+        s["post_mlp_norm"] = (("embed",), (D,))
+    return s
+
+
+def top_param_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """Non-layer parameter names -> (logical axes, shape)."""
+    s = {
+        "embed": (("vocab", "embed"), (cfg.vocab_size, cfg.hidden_size)),
+        "final_norm": (("embed",), (cfg.hidden_size,)),
+    }
+    if not cfg.tie_word_embeddings:
+        s["lm_head"] = (("embed", "vocab"), (cfg.hidden_size, cfg.vocab_size))
+    return s
+
+
+# ---------------------------------------------------------------------------- pure math
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, offset: float = 0.0) -> jax.Array:
+    """RMSNorm over the last axis, statistics in fp32; returns ``x.dtype``.
+
+    ``offset=0`` is Llama's ``w * norm(x)`` (cast before scaling); ``offset=1`` is Gemma's
+    ``norm(x) * (1 + w)`` scaled in fp32.
+    """
+    xf = x.astype(F32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if offset:
+        return (y * (offset + w.astype(F32))).astype(x.dtype)
+    return w.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies ``[Hd/2]`` (fp32), with linear or llama3 scaling applied."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    inv = inv.astype(np.float64)
+    if cfg.rope_type == "linear":
+        inv = inv / cfg.rope_factor
+    elif cfg.rope_type == "llama3":
+        factor, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old = cfg.rope_original_max_position
+        lo_wl, hi_wl = old / lo, old / hi
+        wl = 2 * math.pi / inv
+        scaled = np.where(wl > lo_wl, inv / factor, inv)
+        smooth = (old / wl - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wl < hi_wl) & ~(wl > lo_wl)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
+    """``positions [B,T]`` -> ``cos, sin [B,T,1,Hd]`` in ``dtype`` (angles computed in fp32)."""
+    freqs = positions.astype(F32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE on ``x [B,T,N,Hd]``."""
+    h = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+    return x * cos + rot * sin
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None,
+    scale: float,
+    softcap: float | None = None,
+    implementation: str | None = None,
+    seq_lengths: jax.Array | None = None,
+    window: int | None = None,
+) -> jax.Array:
+    """Grouped-query attention. ``q [B,T,H,Hd]``, ``k, v [B,S,K,Hd]``, ``mask [B,T,S]`` bool.
+
+    * soft-capping (Gemma-2): an explicit fp32-softmax path (``tanh(s/cap)*cap`` before masking);
+    * ``seq_lengths [B]`` given (right-padded rows, no cache): ``jax.nn.dot_product_attention``
+      with ``is_causal`` + sequence lengths + ``local_window_size`` — the form cuDNN flash
+      attention accepts (``implementation="cudnn"``); ``mask`` is ignored;
+    * otherwise ``jax.nn.dot_product_attention`` with the boolean mask (XLA).
+
+    Returns ``[B,T,H,Hd]`` in ``q.dtype``.
+    """
+    if softcap is None and seq_lengths is not None:
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=True,
+            query_seq_lengths=seq_lengths, key_value_seq_lengths=seq_lengths,
+            local_window_size=None if window is None else (window - 1, 0),
+            implementation=implementation,
+        )
+    if softcap is None:
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask[:, None], scale=scale, implementation=implementation
+        )
+    B, T, H, Hd = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, H // K, Hd)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=F32) * scale
+    s = jnp.tanh(s / softcap) * softcap
+    s = jnp.where(mask[:, None, None], s, _NEG)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v)
+    return o.reshape(B, T, H, Hd)
+
+
+def _act(name: str):
+    if name == "silu":
+        return jax.nn.silu
+    if name in ("gelu_pytorch_tanh", "gelu_new"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    return lambda x: jax.nn.gelu(x, approximate=False)
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """``[B,T]`` positions ``cumsum(mask) - 1`` clipped at 0 (left padding starts at 0)."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def build_masks(
+    key_valid: jax.Array, q_slots: jax.Array, window: int | None
+) -> tuple[jax.Array, jax.Array]:
+    """Causal+padding masks by cache slot. ``key_valid [B,S]``, ``q_slots [T]`` -> two ``[B,T,S]``.
+
+    The second also applies the sliding window (``q - window < k``); equal to the first
+    when ``window`` is None.
+    """
+    S = key_valid.shape[-1]
+    k_slots = jnp.arange(S)
+    causal = k_slots[None, :] <= q_slots[:, None]
+    full = causal[None] & key_valid.astype(bool)[:, None, :]
+    if window is None:
+        return full, full
+    local = full & (k_slots[None, :] > q_slots[:, None] - window)[None]
+    return full, local
+
+
+def decoder_layer(
+    cfg: ModelConfig,
+    p: dict[str, jax.Array],
+    h: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    mask: jax.Array,
+    cache_kv: tuple[jax.Array, jax.Array] | None = None,
+    cache_start: jax.Array | int = 0,
+    attn_impl: str | None = None,
+    seq_lengths: jax.Array | None = None,
+    window: int | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """One pre-norm block on ``h [B,T,D]`` (compute dtype = ``h.dtype``).
+
+    With ``cache_kv = (k [B,S,K,Hd], v)``, the new keys/values are written at slot
+    ``cache_start`` and attention runs over the whole cache; the updated cache is returned.
+    """
+    dt = h.dtype
+    eps, off = cfg.rms_norm_eps, cfg.norm_offset
+    w = lambda name: p[name].astype(dt)  # noqa: E731
+    x = rms_norm(h, p["attn_norm"], eps, off)
+    q = jnp.einsum("btd,dhk->bthk", x, w("q_proj"))
+    k = jnp.einsum("btd,dhk->bthk", x, w("k_proj"))
+    v = jnp.einsum("btd,dhk->bthk", x, w("v_proj"))
+    if cfg.qkv_bias:
+        q, k, v = q + w("q_bias"), k + w("k_bias"), v + w("v_bias")
+    if cfg.qk_norm:
+        q = rms_norm(q, p["q_norm"], eps, off)
+        k = rms_norm(k, p["k_norm"], eps, off)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    new_cache = None
+    if cache_kv is not None:
+        ck, cv = cache_kv
+        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_start, axis=1)
+        cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_start, axis=1)
+        new_cache = (ck, cv)
+        k, v = ck.astype(dt), cv.astype(dt)
+    a = attention(q, k, v, mask, cfg.attn_scale, cfg.attn_logit_softcapping, attn_impl, seq_lengths, window)
+    o = jnp.einsum("bthk,hkd->btd", a, w("o_proj"))
+    if cfg.o_bias:
+        o = o + w("o_bias")
+    if cfg.sandwich_norms:
+        o = rms_norm(o, p["post_attn_norm"], eps, off)
+    h = h + o
+    x = rms_norm(h, p["mlp_norm"], eps, off)
+    g = _act(cfg.hidden_act)(x @ w("gate_proj")) * (x @ w("up_proj"))
+    m = g @ w("down_proj")
+    if cfg.sandwich_norms:
+        m = rms_norm(m, p["post_mlp_norm"], eps, off)
+    return h + m, new_cache
+
+
+def _remat_policy(name: str):
+    return {
+        "full": None,
+        "dots": jax.checkpoint_policies.dots_saveable,
+        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }[name]
+
+
+def run_layers(
+    cfg: ModelConfig,
+    layer_params: dict[str, jax.Array],
+    h: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    mask_full: jax.Array,
+    mask_local: jax.Array,
+    cache: dict[str, jax.Array] | None = None,
+    cache_start: jax.Array | int = 0,
+    attn_impl: str | None = None,
+    seq_lengths: jax.Array | None = None,
+    window: int | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+    """All decoder layers (scanned or unrolled, optionally rematerialised).
+
+    With ``seq_lengths`` (the cuDNN form, see :func:`attention`) every layer uses the same
+    static ``window`` and the masks are unused."""
+    sliding = jnp.asarray(cfg.sliding_layers, dtype=bool)
+
+    def body(h, xs):
+        p, is_local, ckv = xs
+        if seq_lengths is not None:
+            mask = None
+        elif cfg.sliding_window is not None:
+            mask = jnp.where(is_local, mask_local, mask_full)
+        else:
+            mask = mask_full
+        h, new = decoder_layer(cfg, p, h, cos, sin, mask, ckv, cache_start, attn_impl, seq_lengths, window)
+        return h, new
+
+    if cfg.remat != "none":
+        body = jax.checkpoint(body, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+    ckv = None if cache is None else (cache["k"], cache["v"])
+    xs = (layer_params, sliding, ckv)
+    if cfg.scan_layers:
+        h, new = jax.lax.scan(body, h, xs)
+    else:
+        outs = []
+        for i in range(cfg.num_layers):
+            h, o = body(h, jax.tree.map(lambda a: a[i], xs))
+            outs.append(o)
+        new = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    return h, (None if cache is None else {"k": new[0], "v": new[1]})
+
+
+# ---------------------------------------------------------------------------- module
+
+
+def _param(value, axes) -> nnx.Param:
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+class Layers(nnx.Module):
+    """Stacked per-layer parameters (leading ``layers`` axis); attributes named as in
+    :func:`layer_param_specs`."""
+
+    def __init__(self, cfg: ModelConfig, param_dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        for name, (axes, shape) in layer_param_specs(cfg).items():
+            full = (cfg.num_layers, *shape)
+            if name.endswith("_norm"):
+                val = jnp.zeros(full, param_dtype) if cfg.norm_offset else jnp.ones(full, param_dtype)
+            elif name.endswith("_bias"):
+                val = jnp.zeros(full, param_dtype)
+            else:
+                val = init(rngs.params(), full, param_dtype)
+            setattr(self, name, _param(val, ("layers", *axes)))
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in self.names}
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n, v in vars(self).items() if isinstance(v, nnx.Param)]
+
+
+ATTN_IMPLEMENTATIONS = (None, "xla", "cudnn", "xla_seqlen")
+
+
+class CausalLM(nnx.Module):
+    """Decoder-only causal LM. ``model(input_ids [B,T] int32, attention_mask=None,
+    positions=None) -> logits [B,T,V] fp32``.
+
+    ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``); ``param_dtype`` the storage dtype.
+    Positions default to ``cumsum(attention_mask) - 1`` so left padding works.
+
+    ``attn_implementation``: ``None``/``"xla"``: explicit causal+padding mask (any padding,
+    KV cache). ``"cudnn"``: forward passes without a cache use cuDNN flash attention
+    (``is_causal`` + per-row lengths; needs a GPU, bf16/fp16 compute and **right-padded**
+    rows, i.e. the trainer's batches); ``"xla_seqlen"`` is the same formulation on XLA (its
+    CPU reference). Soft-capped attention (Gemma-2) and layers with mixed windows (Gemma-2,
+    some Qwen2) always take the mask path.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+        attn_implementation: str | None = None,
+    ):
+        if attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}"
+            )
+        self.config = config
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.attn_implementation = attn_implementation
+        init = nnx.initializers.normal(0.02)
+        specs = top_param_specs(config)
+        axes, shape = specs["embed"]
+        self.embed = _param(init(rngs.params(), shape, param_dtype), axes)
+        axes, shape = specs["final_norm"]
+        norm0 = jnp.zeros if config.norm_offset else jnp.ones
+        self.final_norm = _param(norm0(shape, param_dtype), axes)
+        if "lm_head" in specs:
+            axes, shape = specs["lm_head"]
+            self.lm_head = _param(init(rngs.params(), shape, param_dtype), axes)
+        self.layers = Layers(config, param_dtype, rngs)
+
+    # -- pieces -----------------------------------------------------------------
+    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+        """``[B,T]`` ids -> ``[B,T,D]`` embeddings in the compute dtype (Gemma: times sqrt(D))."""
+        h = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
+        if self.config.embed_scale:
+            h = h * jnp.asarray(self.config.hidden_size**0.5, dtype=self.dtype)
+        return h
+
+    def _trunk(self, input_ids, key_valid, positions, q_slots, cache=None, cache_start=0):
+        cfg = self.config
+        h = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg), self.dtype)
+        impl = self.attn_implementation
+        seq_lengths, window = None, None
+        if (
+            impl in ("cudnn", "xla_seqlen")
+            and cache is None
+            and cfg.attn_logit_softcapping is None
+            and len(set(cfg.sliding_layers)) == 1
+        ):
+            seq_lengths = jnp.sum(key_valid.astype(jnp.int32), axis=-1)
+            window = cfg.sliding_window if cfg.sliding_layers[0] else None
+            impl = "cudnn" if impl == "cudnn" else "xla"
+            full = local = None
+        else:
+            impl = None if impl in ("cudnn", "xla_seqlen") else impl
+            full, local = build_masks(key_valid, q_slots, cfg.sliding_window)
+        h, cache = run_layers(
+            cfg, self.layers.arrays(), h, cos, sin, full, local, cache, cache_start, impl, seq_lengths, window
+        )
+        h = rms_norm(h, self.final_norm[...], cfg.rms_norm_eps, cfg.norm_offset)
+        return h, cache
+
+    def hidden_states(self, input_ids, attention_mask=None, positions=None) -> jax.Array:
+        """Final-norm hidden states ``[B,T,D]`` (compute dtype)."""
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((B, T), jnp.int32)
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        h, _ = self._trunk(input_ids, attention_mask, positions, jnp.arange(T))
+        return h
+
+    def logits_from_hidden(self, h: jax.Array) -> jax.Array:
+        """``[..., D]`` hidden -> ``[..., V]`` fp32 logits (lm_head or tied embedding, final soft-cap)."""
+        h = h.astype(self.dtype)
+        if self.config.tie_word_embeddings:
+            logits = jnp.einsum("...d,vd->...v", h, self.embed[...].astype(self.dtype), preferred_element_type=F32)
+        else:
+            logits = jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(self.dtype), preferred_element_type=F32)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = jnp.tanh(logits / cap) * cap
+        return logits.astype(F32)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None) -> jax.Array:
+        return self.logits_from_hidden(self.hidden_states(input_ids, attention_mask, positions))
+
+    # -- KV cache -----------------------------------------------------------------
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
+        """Zero KV cache ``{"k","v": [L,B,S,K,Hd]}`` in ``dtype`` (default: compute dtype)."""
+        cfg = self.config
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        dt = self.dtype if dtype is None else dtype
+        return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+
+    def forward_cached(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        key_valid: jax.Array,
+        cache: dict[str, jax.Array],
+        cache_start: jax.Array | int,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Run ``input_ids [B,T]`` stored at cache slots ``cache_start..cache_start+T-1``.
+
+        ``key_valid [B,S]`` marks the cache slots holding real tokens (including the new
+        ones). Returns final hidden states ``[B,T,D]`` and the updated cache.
+        """
+        T = input_ids.shape[1]
+        q_slots = cache_start + jnp.arange(T)
+        return self._trunk(input_ids, key_valid, positions, q_slots, cache, cache_start)
