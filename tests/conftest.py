@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+# Two xdist workers share two cores: one torch thread each avoids oversubscription, which
+# slows torch's CPU kernels by an order of magnitude here. Set before any test imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -54,3 +58,15 @@ def smollm2_tokenizer(smollm2_hf_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(smollm2_hf_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, shared_data) -> Path:
+    """A tiny random Llama (hidden 32, 2 layers, 4/2 heads, vocab 512) with a byte-level BPE
+    tokenizer trained locally on dpo_en_demo.json (poet_jax.train.tiny; no download)."""
+    from poet_jax.train.config import TinyModelSpec
+    from poet_jax.train.tiny import create_tiny_model_dir
+
+    spec = TinyModelSpec(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
+                         vocab_size=512, seed=0)
+    return create_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "llama", spec, shared_data / "dpo_en_demo.json")
