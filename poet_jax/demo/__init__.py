@@ -1,0 +1,1 @@
+"""The embedded synthetic demo (`poet-jax demo`): task, tokenizer, SFT, runs."""
