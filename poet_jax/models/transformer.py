@@ -192,6 +192,57 @@ def build_masks(
     return full, local
 
 
+def segment_attention_mask(segment_ids: jax.Array, branch_ids: jax.Array | None = None) -> jax.Array:
+    """Block mask ``[B,T,T]`` bool (True = query ``t`` may attend key ``s``) for packed rows.
+
+    ``segment_ids [B,T]`` int: tokens attend only within their own segment (0 is the
+    padding segment: padding attends padding, never real tokens). ``branch_ids [B,T]``
+    int (optional): within a segment, branch 0 is shared (e.g. a prompt) and visible to
+    every branch; a token of branch ``b > 0`` sees only branch 0 and branch ``b``
+    (chosen = 1 never sees rejected = 2 and vice versa). Causality is not included here:
+    the model always intersects with ``key_slot <= query_slot``.
+    """
+    seg = jnp.asarray(segment_ids, jnp.int32)
+    m = seg[:, :, None] == seg[:, None, :]
+    if branch_ids is not None:
+        br = jnp.asarray(branch_ids, jnp.int32)
+        bq, bk = br[:, :, None], br[:, None, :]
+        m = m & ((bk == 0) | (bk == bq))
+    return m
+
+
+def custom_masks(
+    attn_mask: jax.Array, positions: jax.Array, key_valid: jax.Array | None, window: int | None
+) -> tuple[jax.Array, jax.Array]:
+    """Full and sliding-window ``[B,T,T]`` masks for a caller-given ``attn_mask``.
+
+    ``attn_mask [B,T,T]`` or ``[B,1,T,T]`` bool is intersected with row causality
+    (``key_slot <= query_slot``) and, if given, ``key_valid [B,T]``. The sliding window
+    is measured in **positions** (``pos_q - window < pos_k``), not row slots, so packed
+    rows and shared-prompt rows (where slots and positions differ) get the window each
+    sequence would get on its own.
+    """
+    m = jnp.asarray(attn_mask)
+    if m.ndim == 4:
+        if m.shape[1] != 1:
+            raise ValueError(f"attn_mask [B,1,T,T] expected a singleton head axis, got shape {m.shape}")
+        m = m[:, 0]
+    B, T = positions.shape
+    if m.ndim != 3 or m.shape[-2:] != (T, T) or m.shape[0] not in (1, B):
+        raise ValueError(
+            f"attn_mask must be [B,T,T] or [B,1,T,T] with B={B}, T={T}; got shape {tuple(attn_mask.shape)}"
+        )
+    slots = jnp.arange(T)
+    full = m.astype(bool) & (slots[None, :] <= slots[:, None])[None]
+    if key_valid is not None:
+        full = full & key_valid.astype(bool)[:, None, :]
+    if window is None:
+        return full, full
+    pos = positions.astype(jnp.int32)
+    local = full & (pos[:, None, :] > pos[:, :, None] - window)
+    return full, local
+
+
 def decoder_layer(
     cfg: ModelConfig,
     p: dict[str, jax.Array],
@@ -339,6 +390,8 @@ class CausalLM(nnx.Module):
 
     ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``); ``param_dtype`` the storage dtype.
     Positions default to ``cumsum(attention_mask) - 1`` so left padding works.
+    ``attn_mask=[B,T,T]`` bool (keyword, with explicit ``positions``) runs packed or
+    shared-prompt rows: see :meth:`hidden_states` and :func:`segment_attention_mask`.
 
     ``attn_implementation``: ``None``/``"xla"``: explicit causal+padding mask (any padding,
     KV cache). ``"cudnn"``: forward passes without a cache use cuDNN flash attention
@@ -385,13 +438,17 @@ class CausalLM(nnx.Module):
             h = h * jnp.asarray(self.config.hidden_size**0.5, dtype=self.dtype)
         return h
 
-    def _trunk(self, input_ids, key_valid, positions, q_slots, cache=None, cache_start=0):
+    def _trunk(self, input_ids, key_valid, positions, q_slots, cache=None, cache_start=0, attn_mask=None):
         cfg = self.config
         h = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg), self.dtype)
         impl = self.attn_implementation
         seq_lengths, window = None, None
-        if (
+        if attn_mask is not None:
+            # caller-given block mask (packing / shared prompt): always the mask path
+            impl = None if impl in ("cudnn", "xla_seqlen") else impl
+            full, local = custom_masks(attn_mask, positions, key_valid, cfg.sliding_window)
+        elif (
             impl in ("cudnn", "xla_seqlen")
             and cache is None
             and cfg.attn_logit_softcapping is None
@@ -410,10 +467,29 @@ class CausalLM(nnx.Module):
         h = rms_norm(h, self.final_norm[...], cfg.rms_norm_eps, cfg.norm_offset)
         return h, cache
 
-    def hidden_states(self, input_ids, attention_mask=None, positions=None) -> jax.Array:
-        """Final-norm hidden states ``[B,T,D]`` (compute dtype)."""
+    def hidden_states(self, input_ids, attention_mask=None, positions=None, attn_mask=None) -> jax.Array:
+        """Final-norm hidden states ``[B,T,D]`` (compute dtype).
+
+        ``attn_mask`` (optional, ``[B,T,T]`` or ``[B,1,T,T]`` bool, True = query may attend
+        key): a block mask for packed / shared-prompt rows (see
+        :func:`segment_attention_mask`). It is intersected with row causality and with
+        ``attention_mask`` (when given, as key validity); sliding windows are applied by
+        ``positions``, which must then be given explicitly (e.g. restarting per packed
+        sequence). With ``attn_mask`` the explicit-mask attention path is always used.
+        """
         input_ids = jnp.asarray(input_ids, jnp.int32)
         B, T = input_ids.shape
+        if attn_mask is not None:
+            if positions is None:
+                raise ValueError(
+                    "hidden_states(attn_mask=...) needs explicit positions [B,T] (packed rows restart "
+                    "positions per sequence; they cannot be derived from a padding mask)"
+                )
+            positions = jnp.asarray(positions, jnp.int32)
+            if positions.shape != (B, T):
+                raise ValueError(f"positions has shape {positions.shape}, expected {(B, T)}")
+            h, _ = self._trunk(input_ids, attention_mask, positions, jnp.arange(T), attn_mask=attn_mask)
+            return h
         if attention_mask is None:
             attention_mask = jnp.ones((B, T), jnp.int32)
         if positions is None:
@@ -433,8 +509,9 @@ class CausalLM(nnx.Module):
             logits = jnp.tanh(logits / cap) * cap
         return logits.astype(F32)
 
-    def __call__(self, input_ids, attention_mask=None, positions=None) -> jax.Array:
-        return self.logits_from_hidden(self.hidden_states(input_ids, attention_mask, positions))
+    def __call__(self, input_ids, attention_mask=None, positions=None, attn_mask=None) -> jax.Array:
+        """Logits ``[B,T,V]`` fp32; arguments as in :meth:`hidden_states`."""
+        return self.logits_from_hidden(self.hidden_states(input_ids, attention_mask, positions, attn_mask))
 
     # -- KV cache -----------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
