@@ -5,8 +5,14 @@
     poet-jax config CONFIG.yaml [key=value ...]    print the resolved, validated configuration
     poet-jax config --schema                       print every key, type, default and meaning
 
-User errors (unknown key, bad value, missing file, bad data) print one line
-``poet-jax: error: ...`` and exit with status 2, without a traceback.
+User errors (unknown key, bad value, missing file, bad data, a mesh that does not fit)
+print one line ``poet-jax: error: ...`` and exit with status 2, without a traceback.
+
+``train`` joins a multi-process job first when one is configured (POET_JAX_* variables,
+SLURM, TPU pod; see docs/launch.md), so the same command runs as N processes. A
+NaN/Inf step with ``train.on_nonfinite=stop`` prints one line naming the step and exits
+with status 3. SIGTERM (preemption) writes a checkpoint of the current step and exits 0;
+rerunning the same command resumes.
 """
 
 from __future__ import annotations
@@ -21,7 +27,10 @@ _USER_ERRORS = (
     ("poet_jax.models.config", "UnsupportedModelError"),
     ("poet_jax.models.hf_io", "CheckpointError"),
     ("poet_jax.sharding", "MeshError"),
+    ("poet_jax.distributed", "DistributedConfigError"),
 )
+
+EXIT_NONFINITE = 3
 
 
 def _is_user_error(err: BaseException) -> bool:
@@ -74,13 +83,46 @@ def _cmd_config(args) -> int:
 
 def _cmd_train(args) -> int:
     from poet_jax.train.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # validate before joining a job: errors show at once
+    from poet_jax.distributed import initialize_from_env, is_primary
+
+    initialize_from_env()  # before any JAX computation
     from poet_jax.train.loop import train
 
-    cfg = load_config(args.config, args.overrides)
-    result = train(cfg)
-    if result.get("export_dir"):
-        print(f"final policy exported to {result['export_dir']}")
+    try:
+        result = train(cfg)
+    except Exception as err:  # noqa: BLE001
+        _fail_fast_if_multiprocess(err)
+        raise
+    if is_primary():
+        if result.get("preempted"):
+            print(f"preempted: checkpoint at step {result['final_step']} written; rerun the same command to resume")
+        elif result.get("export_dir"):
+            print(f"final policy exported to {result['export_dir']}")
     return 0
+
+
+def _fail_fast_if_multiprocess(err: BaseException) -> None:
+    """In a multi-process job, a failed process (e.g. a collective broken by a dead peer) prints its
+    traceback and one line naming itself, then exits at once with status 1 instead of waiting at JAX's
+    shutdown barrier; its peers are stopped by JAX's heartbeat within ``POET_JAX_HEARTBEAT_TIMEOUT_S``."""
+    import jax
+
+    nonfinite = sys.modules.get("poet_jax.train.faults")
+    if jax.process_count() == 1 or _is_user_error(err) or (
+            nonfinite is not None and isinstance(err, nonfinite.NonFiniteError)):
+        return  # every process raises these together: the normal exit path handles them
+    import os
+    import traceback
+
+    traceback.print_exc()
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    print(f"poet-jax: error: process {jax.process_index()} of {jax.process_count()} failed ({type(err).__name__}: "
+          f"{first[:300]}); stopping this process -- if another process died, see its log", file=sys.stderr)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def _cmd_export(args) -> int:
@@ -102,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             return _cmd_config(args)
     except Exception as err:
+        nonfinite = sys.modules.get("poet_jax.train.faults")
+        if nonfinite is not None and isinstance(err, nonfinite.NonFiniteError):
+            print(f"poet-jax: error: {err}", file=sys.stderr)
+            return EXIT_NONFINITE
         if not _is_user_error(err):
             raise
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__

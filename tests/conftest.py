@@ -70,3 +70,37 @@ def tiny_llama_dir(tmp_path_factory, shared_data) -> Path:
     spec = TinyModelSpec(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
                          vocab_size=512, seed=0)
     return create_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "llama", spec, shared_data / "dpo_en_demo.json")
+
+
+# --- fault-tolerance / scale tests (tests/test_scale.py, tests/test_resume.py) -------------------
+
+
+@pytest.fixture(scope="session")
+def fault_train_config(tiny_llama_dir, shared_data) -> dict:
+    """A 12-step tiny DPO+POET run as a config dict (set train.output_dir before use): checkpoints every
+    4 steps, every step logged, HF export at the end, no eval, cosine schedule with warmup."""
+    return {
+        "model": {"path": str(tiny_llama_dir)},
+        "data": {"path": str(shared_data / "dpo_en_demo.json"), "max_length": 128, "max_prompt_length": 64,
+                 "max_records": 40, "bucket_lengths": [128], "use_poet": True},
+        "loss": {"name": "dpo", "beta": 0.1},
+        "optim": {"lr": 1e-3, "schedule": "cosine", "warmup_ratio": 0.1},
+        "train": {"output_dir": "", "global_batch": 8, "micro_batch": 4, "max_steps": 12, "log_every": 1,
+                  "save_every": 4, "keep_checkpoints": 2, "progress": False, "tensorboard": False, "seed": 3},
+    }
+
+
+@pytest.fixture(scope="session")
+def fault_reference_run(fault_train_config, tmp_path_factory) -> Path:
+    """Output directory of the uninterrupted 12-step run of ``fault_train_config`` (one process, one device)."""
+    import copy
+
+    from poet_jax.train.config import config_from_dict
+    from poet_jax.train.loop import train
+
+    cfg = copy.deepcopy(fault_train_config)
+    out = tmp_path_factory.mktemp("fault_reference")
+    cfg["train"]["output_dir"] = str(out)
+    result = train(config_from_dict(cfg))
+    assert result["final_step"] == 12 and not result["preempted"]
+    return out

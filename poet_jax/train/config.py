@@ -165,6 +165,13 @@ class TrainSection:
     eval_batch: int = _f(0, "pairs per evaluation batch (0 = micro_batch)")
     save_every: int = _f(0, "save an Orbax checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = _f(2, "keep the last K checkpoints")
+    async_checkpoint: bool = _f(
+        True, "write checkpoints in the background (training continues after the device-to-host copy)"
+    )
+    on_nonfinite: str = _f(
+        "stop", "a NaN/Inf loss or gradient: stop (error naming the step) or skip (drop that update, continue); "
+        "the update is never applied either way", choices=("stop", "skip"),
+    )
     export: bool = _f(True, "write a Hugging Face export of the final policy to <output_dir>/hf")
     progress: bool = _f(True, "show a tqdm progress bar")
     tensorboard: bool = _f(True, "write TensorBoard event files to <output_dir>/tb")

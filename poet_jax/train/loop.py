@@ -2,9 +2,23 @@
 
 ``train(cfg)`` runs (or resumes) a run described by a :class:`~poet_jax.train.config.Config`
 and returns a summary dict. Rerunning with the same ``train.output_dir`` resumes from the
-latest Orbax checkpoint (policy, optimizer state, step, sampler position); the frozen
-reference is rebuilt from the initial weights and precomputed reference log-probs are
-read back from their cache.
+newest complete Orbax checkpoint (policy, optimizer state, step, RNG, sampler position);
+the frozen reference is rebuilt from the initial weights and precomputed reference
+log-probs are read back from their cache. Metrics logged after that checkpoint by the
+interrupted run are dropped from ``metrics.jsonl``, so the log equals an uninterrupted
+run's.
+
+Scale: the mesh ``(data, fsdp, tensor)`` comes from ``train.data_parallel/fsdp/tensor``;
+parameters, optimizer state and the frozen reference are sharded by the logical-axis
+rules of :mod:`poet_jax.sharding`, batches over ``data x fsdp``. With several processes
+(``poet_jax.distributed.initialize_from_env``), each process reads only its share of every
+global batch (``BatchSampler(process_index, process_count)``) and the global arrays are
+assembled with ``jax.make_array_from_process_local_data`` without moving data; only
+process 0 writes logs, ``config.yaml`` and the HF export; checkpoints are collective.
+
+Faults (see :mod:`poet_jax.train.faults`): SIGTERM -> checkpoint of the current step and a
+normal return; NaN/Inf -> the update is dropped and the run stops (``on_nonfinite=stop``)
+or continues (``skip``).
 """
 
 from __future__ import annotations
@@ -12,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +42,7 @@ from poet_jax.data.sampler import BatchSampler, batch_from_plan, eval_plans, row
 
 from . import flops as flops_mod
 from .checkpoint import Checkpointer
+from .faults import FaultInjection, NonFiniteError, PreemptionWatch
 from .config import Config, ConfigError, config_to_dict, is_hub_id, micro_batch, resolved_reference_mode
 from .logger import MetricsLogger, Progress
 from .optim import make_optimizer
@@ -63,10 +79,39 @@ def resolve_model_dir(cfg: Config) -> Path:
 
 
 def build_mesh(cfg: Config):
-    from poet_jax.sharding import make_mesh
+    """The ``(data, fsdp, tensor)`` mesh over all devices of all processes (MeshError if it does not fit)."""
+    from poet_jax.sharding import MeshError, make_mesh
 
     t = cfg.train
-    return make_mesh({"data": t.data_parallel or -1, "fsdp": t.fsdp, "tensor": t.tensor})
+    n = len(jax.devices())
+    if t.data_parallel == 0 and n % (t.fsdp * t.tensor):
+        raise MeshError(
+            f"train.fsdp={t.fsdp} x train.tensor={t.tensor} = {t.fsdp * t.tensor} devices does not divide the "
+            f"{n} available devices"
+        )
+    mesh = make_mesh({"data": t.data_parallel or -1, "fsdp": t.fsdp, "tensor": t.tensor})
+    pc = jax.process_count()
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_ways % pc:
+        raise MeshError(
+            f"with {pc} processes the batch must be split over them: data x fsdp = {batch_ways} is not a multiple "
+            f"of {pc} (put more devices on train.data_parallel / train.fsdp)"
+        )
+    return mesh
+
+
+def put_global(x: np.ndarray, sharding: NamedSharding, batch_axis: int) -> jax.Array:
+    """This process's rows ``x`` -> the global array (rows of all processes along ``batch_axis``).
+
+    One process: a plain ``device_put``. Several: ``make_array_from_process_local_data``
+    (each process supplies its own block; nothing crosses processes).
+    """
+    pc = jax.process_count()
+    if pc == 1:
+        return jax.device_put(x, sharding)
+    shape = list(x.shape)
+    shape[batch_axis] *= pc
+    return jax.make_array_from_process_local_data(sharding, x, tuple(shape))
 
 
 def batch_sharding(mesh, ndim: int, batch_axis: int) -> NamedSharding:
@@ -90,31 +135,94 @@ def batch_shardings(mesh, with_ref: bool, micro: bool) -> dict[str, NamedShardin
     return out
 
 
-def to_micro_batches(batch: PreferenceBatch, n_micro: int, ref: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Global ``[2B, L]`` batch -> ``[A, 2b, L]`` micro-batches (each: its b chosen rows then its b rejected rows).
+def to_micro_batches(batch: PreferenceBatch, n_micro: int, ref: np.ndarray | None = None,
+                     groups: int = 1) -> dict[str, np.ndarray]:
+    """``[2B, L]`` batch -> ``[A, 2b, L]`` micro-batches (each: its b chosen rows then its b rejected rows).
+
+    ``groups > 1``: the rows of a micro-batch are ``groups`` blocks ``[b/g chosen; b/g rejected]``
+    (pairs in order), one per batch shard, so a pair's two rows always live on the same
+    device and process (the multi-process layout, ``StepConfig.row_groups``). With several
+    processes ``batch`` is this process's share and the result its block of the global
+    micro-batches.
 
     ``ref``: optional ``[B, 2]`` precomputed reference log-probs (chosen, rejected) of the pairs.
     """
     bsz = batch.num_pairs
-    if bsz % n_micro:
-        raise ValueError(f"batch of {bsz} pairs cannot be split into {n_micro} micro-batches")
+    if bsz % (n_micro * groups):
+        raise ValueError(f"batch of {bsz} pairs cannot be split into {n_micro} micro-batches of {groups} row groups")
     b = bsz // n_micro
 
-    def rows(x):  # [2B, L] -> [A, 2b, L]
-        c, r = x[:bsz].reshape(n_micro, b, -1), x[bsz:].reshape(n_micro, b, -1)
-        return np.concatenate([c, r], axis=1)
+    def rows(c, r):  # [B, ...] chosen and rejected -> [A, 2b, ...]
+        tail = c.shape[1:]
+        c = c.reshape(n_micro, groups, 1, b // groups, *tail)
+        r = r.reshape(n_micro, groups, 1, b // groups, *tail)
+        return np.concatenate([c, r], axis=2).reshape(n_micro, 2 * b, *tail)
 
-    out = {
-        "input_ids": rows(batch.input_ids),
-        "attention_mask": rows(batch.attention_mask),
-        "response_mask": rows(batch.response_mask),
-        "pair_valid": batch.pair_valid.reshape(n_micro, b),
-    }
+    out = {k: rows(getattr(batch, k)[:bsz], getattr(batch, k)[bsz:]) for k in ROW_KEYS}
+    out["pair_valid"] = batch.pair_valid.reshape(n_micro, b)
     if ref is not None:
-        out["ref_logps"] = np.concatenate(
-            [ref[:, 0].reshape(n_micro, b), ref[:, 1].reshape(n_micro, b)], axis=1
-        ).astype(np.float32)
+        out["ref_logps"] = rows(ref[:, 0], ref[:, 1]).astype(np.float32)
     return out
+
+
+def group_rows(x: np.ndarray, groups: int) -> np.ndarray:
+    """``[2b, ...]`` rows ``[chosen; rejected]`` -> the ``groups``-block layout of :func:`to_micro_batches`."""
+    if groups == 1:
+        return x
+    b = x.shape[0] // 2
+    tail = x.shape[1:]
+    return np.stack([x[:b].reshape(groups, b // groups, *tail), x[b:].reshape(groups, b // groups, *tail)],
+                    axis=1).reshape(2 * b, *tail)
+
+
+def _check_process_split(cfg: Config, pc: int) -> None:
+    """Every process must get an equal share of every (micro / eval) batch."""
+    if pc == 1:
+        return
+    t = cfg.train
+    for key, val in (("train.global_batch", t.global_batch), ("train.micro_batch", micro_batch(cfg)),
+                     ("train.eval_batch", t.eval_batch or micro_batch(cfg))):
+        if val % pc:
+            raise ConfigError(f"{key}={val} is not divisible by the {pc} processes")
+
+
+def _check_batch_shards(cfg: Config, mesh, row_groups: int) -> None:
+    """Batch rows are split over ``data x fsdp``; with row groups (several processes) each shard holds
+    whole pairs, otherwise the ``2b`` rows just have to divide evenly."""
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    t = cfg.train
+    rows_per_pair = 1 if row_groups > 1 else 2
+    for key, val in (("train.micro_batch", micro_batch(cfg)), ("train.eval_batch", t.eval_batch or micro_batch(cfg))):
+        if (rows_per_pair * val) % ways:
+            raise ConfigError(f"{key}={val} pairs ({rows_per_pair * val} rows) cannot be split over the {ways} "
+                              "batch shards (data x fsdp)")
+
+
+def serialize_cpu_collectives(x):
+    """Wait for ``x`` when several processes share CPU devices; returns ``x``.
+
+    Gloo matches collectives by issue order. Two independent programs in flight at once (two
+    evaluation batches, a step and the preemption poll) can issue theirs in a different order
+    on different processes ("collective mismatch"), so on CPU each program finishes before the
+    next one starts. TPU/GPU runtimes order collectives themselves: nothing changes there.
+    """
+    if jax.process_count() > 1 and jax.devices()[0].platform == "cpu":
+        jax.block_until_ready(x)
+    return x
+
+
+def _barrier(name: str) -> None:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _gather_rows(x: np.ndarray, mesh) -> np.ndarray:
+    """This process's ``[n]`` host values -> the global ``[n * processes]`` vector on every process."""
+    from jax.experimental import multihost_utils
+
+    arr = put_global(np.asarray(x), batch_sharding(mesh, 1, 0), 0)
+    return np.asarray(multihost_utils.process_allgather(arr, tiled=True))
 
 
 
@@ -147,6 +255,8 @@ class Run:
     data_report: Any = None
     buckets: tuple[int, ...] | None = None
     pad_token: int | None = None
+    rng: Any = None
+    faults: FaultInjection = dataclasses.field(default_factory=FaultInjection)
     _train_fn: Any = None
     _eval_fn: Any = None
 
@@ -186,13 +296,19 @@ class Run:
         tok = self.tokenizer
         return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
 
+    @property
+    def local_row_groups(self) -> int:
+        """Row groups of this process's share of a micro-batch (see :func:`to_micro_batches`)."""
+        return self.step_cfg.row_groups // jax.process_count()
+
     def step(self, batch: PreferenceBatch, ref: np.ndarray | None = None) -> dict:
-        """Run one optimizer step on a global batch (updates ``self.state``); returns device metrics."""
-        arrays = to_micro_batches(batch, self.n_micro, ref)
+        """Run one optimizer step on a global batch (this process's share of it when several
+        processes run); updates ``self.state``; returns device metrics (replicated scalars)."""
+        arrays = to_micro_batches(batch, self.n_micro, ref, self.local_row_groups)
         shardings = batch_shardings(self.mesh, ref is not None, micro=True)
-        dev = {k: jax.device_put(v, shardings[k]) for k, v in arrays.items()}
+        dev = {k: put_global(v, shardings[k], 1) for k, v in arrays.items()}
         self.state, metrics = self.train_fn()(self.state, dev)
-        return metrics
+        return serialize_cpu_collectives(metrics)
 
     def evaluate(self, max_pairs: int = 0) -> dict:
         """Loss, reward accuracy and margins over the held-out pairs (all, or the first ``max_pairs``)."""
@@ -204,14 +320,17 @@ class Run:
         lengths = row_lengths(examples)[:n]
         totals: dict[str, Any] = {}
         fn = self.eval_fn()
-        for plan in eval_plans(lengths, bsz, bucket_lengths=self.buckets):
+        for plan in eval_plans(lengths, bsz, bucket_lengths=self.buckets, process_index=jax.process_index(),
+                               process_count=jax.process_count()):
             batch = batch_from_plan(examples, plan, self.pad_id).as_dict()
             if self.ref_eval is not None:
                 ref = self.ref_eval[plan.indices]
                 batch["ref_logps"] = np.concatenate([ref[:, 0], ref[:, 1]]).astype(np.float32)
+            g = self.local_row_groups
+            batch = {k: (v if k == "pair_valid" else group_rows(v, g)) for k, v in batch.items()}
             shards = batch_shardings(self.mesh, "ref_logps" in batch, micro=False)
-            batch = {k: jax.device_put(v, shards[k]) for k, v in batch.items()}
-            sums = fn(self.state, batch)
+            batch = {k: put_global(v, shards[k], 0) for k, v in batch.items()}
+            sums = serialize_cpu_collectives(fn(self.state, batch))
             totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
         out = finalize_metrics(totals)
         return {k: float(v) for k, v in out.items()}
@@ -228,13 +347,15 @@ def setup(cfg: Config, *, progress: bool | None = None) -> Run:
     from poet_jax.models import from_pretrained
 
     show = cfg.train.progress if progress is None else progress
-    if jax.process_count() > 1:
-        raise NotImplementedError(
-            "poet_jax.train runs in one process (any number of local devices); multi-host input "
-            "assembly is not implemented yet"
-        )
+    pc, pi = jax.process_count(), jax.process_index()
+    _check_process_split(cfg, pc)
+    mesh = build_mesh(cfg)  # fail fast when the mesh does not fit the devices
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if pc > 1:  # the primary creates a tiny model (if asked) before the others look for it
+        if pi == 0:
+            resolve_model_dir(cfg)
+        _barrier("poet_jax_model_dir")
     model_dir = resolve_model_dir(cfg)
     tok_dir = cfg.model.tokenizer or str(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
@@ -243,10 +364,10 @@ def setup(cfg: Config, *, progress: bool | None = None) -> Run:
     if cfg.train.eval_pairs:
         eval_examples = eval_examples[: cfg.train.eval_pairs]
 
-    mesh = build_mesh(cfg)
     gb = cfg.train.global_batch
     sampler = BatchSampler(row_lengths(train_examples), gb, bucket_lengths=data.bucket_lengths, seed=cfg.train.seed,
-                           shuffle=cfg.data.shuffle, group_by_length=cfg.data.group_by_length, drop_last=False)
+                           shuffle=cfg.data.shuffle, group_by_length=cfg.data.group_by_length, drop_last=False,
+                           process_index=pi, process_count=pc)
     steps_per_epoch = sampler.steps_per_epoch
     total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
 
@@ -265,13 +386,18 @@ def setup(cfg: Config, *, progress: bool | None = None) -> Run:
             ref_params = jax.jit(lambda p: jax.tree.map(lambda x: x + 0, p))(state.params)
         state = state.replace(ref_params=ref_params)
 
+    faults = FaultInjection.from_env()
+    # one process: plain [chosen; rejected] rows; several: one [chosen; rejected] block per batch shard
+    row_groups = 1 if pc == 1 else mesh.shape["data"] * mesh.shape["fsdp"]
+    _check_batch_shards(cfg, mesh, row_groups)
     step_cfg = StepConfig(loss=cfg.loss.name, hparams=loss_hparams(cfg.loss),
-                          reference=ref_mode, logps_chunk=cfg.train.logps_chunk)
+                          reference=ref_mode, logps_chunk=cfg.train.logps_chunk, row_groups=row_groups,
+                          inject_nan_at_step=faults.nan_at_step)
     run = Run(cfg=cfg, model_dir=Path(model_dir), tokenizer=tokenizer, mesh=mesh, graphdef=graphdef, state=state,
               step_cfg=step_cfg, tx=tx, schedule=schedule, train_examples=train_examples,
               eval_examples=eval_examples, sampler=sampler, total_steps=total, ref_mode=ref_mode,
               ref_train=None, ref_eval=None, model_config=model_config, data_report=report,
-              buckets=data.bucket_lengths, pad_token=data.pad_id)
+              buckets=data.bucket_lengths, pad_token=data.pad_id, rng=jax.random.key(cfg.train.seed), faults=faults)
     if ref_mode == "precomputed":
         run.ref_train, run.ref_eval = precompute_reference(run, show)
     return run
@@ -291,13 +417,31 @@ def precompute_reference(run: Run, progress: bool = True) -> tuple[np.ndarray, n
         params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(rdt), p))(params)
     fn = jax.jit(lambda p, r, b: row_logps(run.graphdef, p, r, b, cfg.train.logps_chunk))
     shards = batch_shardings(run.mesh, False, micro=False)
+    pc = jax.process_count()
+
+    groups = run.step_cfg.row_groups
 
     def logps_fn(b):
-        return fn(params, run.state.rest, {k: jax.device_put(v, shards[k]) for k, v in b.items()})
+        lg = run.local_row_groups
+        b = {k: (v if k == "pair_valid" else group_rows(v, lg)) for k, v in b.items()}
+        vals = serialize_cpu_collectives(fn(params, run.state.rest,
+                                            {k: put_global(v, shards[k], 0) for k, v in b.items()}))
+        if pc == 1:
+            return vals
+        from jax.experimental import multihost_utils
+
+        # grouped rows [G, 2, b/G] of the whole global batch -> [chosen of all; rejected of all]
+        full = np.asarray(multihost_utils.process_allgather(vals, tiled=True))
+        return full.reshape(groups, 2, -1).transpose(1, 0, 2).reshape(-1)
 
     def batches(examples):
-        for plan in eval_plans(row_lengths(examples), bsz, bucket_lengths=run.buckets):
-            yield plan.indices, plan.valid, batch_from_plan(examples, plan, run.pad_id)
+        for plan in eval_plans(row_lengths(examples), bsz, bucket_lengths=run.buckets, process_index=jax.process_index(),
+                               process_count=pc):
+            batch = batch_from_plan(examples, plan, run.pad_id)
+            if pc == 1:
+                yield plan.indices, plan.valid, batch
+            else:  # the global pairs of this batch, in the global array's block order
+                yield _gather_rows(plan.indices, run.mesh), _gather_rows(plan.valid, run.mesh), batch
 
     def compute():
         out = {"train": precompute_logps(logps_fn, run.train_examples, list(batches(run.train_examples)), progress,
@@ -315,21 +459,26 @@ def precompute_reference(run: Run, progress: bool = True) -> tuple[np.ndarray, n
 
 
 def _meta(run: Run) -> dict:
+    rng = None if run.rng is None else np.asarray(jax.random.key_data(run.rng)).ravel().tolist()
     return {
         "sampler": run.sampler.state_dict(),
+        "rng": rng,
         "config": config_to_dict(run.cfg),
         "model_dir": str(run.model_dir),
         "train_fingerprint": examples_fingerprint(run.train_examples),
+        "process_count": jax.process_count(),
     }
 
 
-def save_checkpoint(run: Run, ckpt: Checkpointer) -> None:
+def save_checkpoint(run: Run, ckpt: Checkpointer, block: bool | None = None) -> int:
+    """Save policy, optimizer state, step, RNG and sampler position (collective); returns the step."""
     step = int(jax.device_get(run.state.step))
-    ckpt.save(step, run.state.checkpoint_tree(), _meta(run))
+    ckpt.save(step, run.state.checkpoint_tree(), _meta(run), block=block)
+    return step
 
 
 def restore_checkpoint(run: Run, ckpt: Checkpointer, step: int | None = None) -> int:
-    """Restore policy, optimizer state, step and sampler position; returns the restored step."""
+    """Restore policy, optimizer state, step, RNG and sampler position; returns the restored step."""
     step = ckpt.latest_step() if step is None else step
     tree, meta = ckpt.restore(step, run.state.checkpoint_tree())
     fp = meta.get("train_fingerprint")
@@ -339,84 +488,210 @@ def restore_checkpoint(run: Run, ckpt: Checkpointer, step: int | None = None) ->
             "use a new output_dir"
         )
     run.state = run.state.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"])
-    run.sampler.load_state_dict(meta["sampler"])
+    try:
+        run.sampler.load_state_dict(meta["sampler"])
+    except ValueError as err:
+        raise ConfigError(f"train.output_dir: cannot resume from checkpoint {step}: {err}") from None
+    if meta.get("rng") is not None and run.rng is not None:
+        data = np.asarray(meta["rng"], np.uint32).reshape(jax.random.key_data(run.rng).shape)
+        run.rng = jax.random.wrap_key_data(data)
     return int(step)
+
+
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Drop records after ``last_step`` (and any torn last line) from a metrics.jsonl; returns records kept.
+
+    A run killed after its newest checkpoint logged steps that the resumed run repeats;
+    without this the log would hold them twice.
+    """
+    if not path.is_file():
+        return 0
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and int(rec.get("step", 0)) <= last_step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in kept))
+    tmp.replace(path)
+    return len(kept)
+
+
+def state_sharding_report(run: Run) -> dict:
+    """Per-leaf ``{path: {"shape", "spec", "device_bytes", "total_bytes"}}`` of params and optimizer state."""
+
+    def one(tree, prefix):
+        rows = {}
+        for path, x in jax.tree_util.tree_leaves_with_path(tree):
+            if not hasattr(x, "sharding"):
+                continue
+            shard = x.sharding.shard_shape(x.shape)
+            rows[prefix + jax.tree_util.keystr(path)] = {
+                "shape": list(x.shape),
+                "spec": [None if a is None else (list(a) if isinstance(a, tuple) else a)
+                         for a in getattr(x.sharding, "spec", ())],
+                "device_bytes": int(np.prod(shard, dtype=np.int64)) * x.dtype.itemsize,
+                "total_bytes": int(x.size) * x.dtype.itemsize,
+            }
+        return rows
+
+    out = {"mesh": {k: int(v) for k, v in run.mesh.shape.items()}, "processes": jax.process_count()}
+    out["params"] = one(run.state.params, "params")
+    out["opt_state"] = one(run.state.opt_state, "opt_state")
+    if run.state.ref_params is not None:
+        out["ref_params"] = one(run.state.ref_params, "ref_params")
+    return out
 
 
 # ----------------------------------------------------------------------------- the loop
 
 
+def _nonfinite_message(step: int, rec: dict, last_ckpt: int | None) -> str:
+    where = f"the newest checkpoint is step {last_ckpt}" if last_ckpt is not None else "no checkpoint was written"
+    return (f"non-finite loss or gradient at step {step} (loss={rec.get('loss')}, grad_norm={rec.get('grad_norm')}); "
+            f"the update was not applied and the run stopped; {where}. Set train.on_nonfinite=skip to drop such "
+            "updates and continue")
+
+
 def train(cfg: Config, *, progress: bool | None = None) -> dict:
-    """Train (or resume) per ``cfg``; returns ``{"final_step", "train_metrics", "eval_metrics", "export_dir"}``."""
-    show = cfg.train.progress if progress is None else progress
+    """Train (or resume) per ``cfg``; returns ``{"final_step", "train_metrics", "eval_metrics", "export_dir",
+    "total_steps", "preempted", "skipped_steps"}``.
+
+    Raises :class:`~poet_jax.train.faults.NonFiniteError` on a NaN/Inf step with ``train.on_nonfinite=stop``.
+    """
+    primary = jax.process_index() == 0
+    show = (cfg.train.progress if progress is None else progress) and primary
     out = Path(cfg.train.output_dir)
-    run = setup(cfg, progress=show)
-    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    ckpt = Checkpointer(out / "checkpoints", keep=cfg.train.keep_checkpoints)
+    watch = PreemptionWatch()  # before setup: a notice during start-up also ends in a clean exit
+    try:
+        run = setup(cfg, progress=show)
+    except BaseException:
+        watch.close()
+        raise
+    if primary:
+        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    t = cfg.train
+    # Several processes on CPU devices: saves stay synchronous (Orbax's background commit may issue
+    # cross-process syncs while a step's gloo collectives are in flight; gloo needs one issue order).
+    # POET_JAX_ASYNC_CHECKPOINT_MULTIPROCESS=1 opts in anyway. TPU/GPU jobs save asynchronously.
+    async_save = t.async_checkpoint and (
+        jax.process_count() == 1 or jax.devices()[0].platform != "cpu"
+        or os.environ.get("POET_JAX_ASYNC_CHECKPOINT_MULTIPROCESS", "") == "1")
+    ckpt = Checkpointer(out / "checkpoints", keep=t.keep_checkpoints, async_save=async_save,
+                        on_save_started=run.faults.in_save)
     start = 0
     if ckpt.latest_step() is not None:
         start = restore_checkpoint(run, ckpt)
-    logger = MetricsLogger(out, tensorboard=cfg.train.tensorboard)
+    if primary:
+        truncate_metrics(out / "metrics.jsonl", start)
+        (out / "shardings.json").write_text(json.dumps(state_sharding_report(run), indent=1))
+    logger = MetricsLogger(out, tensorboard=t.tensorboard, enabled=primary)
     bar = Progress(run.total_steps, initial=start, enabled=show)
-    peak = flops_mod.peak_flops_per_device(_device_kind(), cfg.train.peak_tflops)
-    n_dev = len(jax.devices())
-    t = cfg.train
+    peak = flops_mod.peak_flops_per_device(_device_kind(), t.peak_tflops)
+    n_dev = jax.local_device_count()  # run.flops counts this process's share of the batch
     last_train: dict = {}
     last_eval: dict = {}
     pending: list[tuple[int, Any]] = []
+    skipped: list[int] = []
+    preempted = False
+    export_dir = None
+    final_step = start
     window = {"flops": 0.0, "tokens": 0.0, "pairs": 0.0, "steps": 0, "t0": time.perf_counter()}
+
+    def say(msg: str) -> None:
+        if primary:
+            bar.write(msg)
+
+    def flush() -> None:
+        """Host-convert pending metrics, check them for NaN/Inf, log them."""
+        nonlocal pending, last_train, window
+        if not pending:
+            return
+        host = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
+        pending = []
+        bad = None
+        for s_i, h in host:
+            if h.get("nonfinite", 0.0) > 0 and s_i not in skipped:
+                skipped.append(s_i)
+                bad = bad or (s_i, h)
+                say(f"step {s_i}: non-finite loss or gradient (loss={h.get('loss')}, grad_norm={h.get('grad_norm')}); "
+                    "update not applied")
+        elapsed = time.perf_counter() - window["t0"]
+        tokens = sum(h["tokens"] for _, h in host)
+        pairs = sum(h["pairs"] for _, h in host)
+        s, rec = host[-1]
+        rec = dict(rec)
+        rec["tokens_per_second"] = tokens / elapsed if elapsed > 0 else 0.0
+        rec["pairs_per_second"] = pairs / elapsed if elapsed > 0 else 0.0
+        rec["steps_per_second"] = window["steps"] / elapsed if elapsed > 0 else 0.0
+        rec["tflops_per_device"] = window["flops"] / elapsed / n_dev / 1e12 if elapsed > 0 else 0.0
+        rec["mfu"] = flops_mod.mfu(window["flops"], elapsed, n_dev, peak)
+        rec["poet/kept_fraction"] = _kept_fraction(run, rec)
+        rec["epoch"] = s / run.sampler.steps_per_epoch
+        for s_i, h in host[:-1]:
+            logger.log(s_i, h)
+        last_train = logger.log(s, rec)
+        bar.update(0, rec)
+        window = {"flops": 0.0, "tokens": 0.0, "pairs": 0.0, "steps": 0, "t0": time.perf_counter()}
+        if bad is not None and t.on_nonfinite == "stop":
+            ckpt.wait()  # let a background save of an earlier (clean) step finish
+            raise NonFiniteError(_nonfinite_message(bad[0], bad[1], ckpt.latest_step()))
+
     try:
         for step in range(start, run.total_steps):
             batch, ref = run.next_global_batch()
             metrics = run.step(batch, ref)
+            done = step + 1
+            run.faults.after_step(done)
             window["flops"] += run.flops(batch)
             window["steps"] += 1
-            pending.append((step + 1, metrics))
-            done = step + 1
+            pending.append((done, metrics))
             is_last = done == run.total_steps
+            if t.on_nonfinite == "stop" and len(pending) >= 2:
+                # one step behind (keeps the device busy): stop at the first bad step
+                if float(jax.device_get(pending[-2][1]["nonfinite"])) > 0:
+                    pending = pending[:-1]  # `done` ran on a clean state but is not logged: resume repeats it
+                    flush()
             if done % t.log_every == 0 or is_last:
-                host = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
-                pending = []
-                elapsed = time.perf_counter() - window["t0"]
-                tokens = sum(h["tokens"] for _, h in host)
-                pairs = sum(h["pairs"] for _, h in host)
-                s, rec = host[-1]
-                rec = dict(rec)
-                rec["tokens_per_second"] = tokens / elapsed if elapsed > 0 else 0.0
-                rec["pairs_per_second"] = pairs / elapsed if elapsed > 0 else 0.0
-                rec["steps_per_second"] = window["steps"] / elapsed if elapsed > 0 else 0.0
-                rec["tflops_per_device"] = window["flops"] / elapsed / n_dev / 1e12 if elapsed > 0 else 0.0
-                rec["mfu"] = flops_mod.mfu(window["flops"], elapsed, n_dev, peak)
-                rec["poet/kept_fraction"] = _kept_fraction(run, rec)
-                rec["epoch"] = done / run.sampler.steps_per_epoch
-                for s_i, h in host[:-1]:
-                    logger.log(s_i, h)
-                last_train = logger.log(s, rec)
-                bar.update(0, rec)
-                window = {"flops": 0.0, "tokens": 0.0, "pairs": 0.0, "steps": 0, "t0": time.perf_counter()}
+                flush()
             bar.update(1)
             if t.eval_every and done % t.eval_every == 0 and not is_last and run.eval_examples:
                 last_eval = logger.log(done, run.evaluate(t.eval_pairs), split="eval")
-                bar.write(_eval_line(done, last_eval))
+                say(_eval_line(done, last_eval))
                 window["t0"] = time.perf_counter()
+            if watch.should_stop():
+                flush()
+                ckpt.wait()
+                saved = save_checkpoint(run, ckpt, block=True) if ckpt.latest_step() != done else done
+                say(f"preemption signal received: saved checkpoint at step {saved}; exiting")
+                preempted = True
+                final_step = done
+                break
             if t.save_every and done % t.save_every == 0 and not is_last:
+                flush()  # never checkpoint past an unchecked step
                 save_checkpoint(run, ckpt)
                 window["t0"] = time.perf_counter()
-        final_step = int(jax.device_get(run.state.step))
-        if run.eval_examples:
-            last_eval = logger.log(final_step, run.evaluate(t.eval_pairs), split="eval")
-            bar.write(_eval_line(final_step, last_eval))
-        if ckpt.latest_step() != final_step:
-            save_checkpoint(run, ckpt)
-        export_dir = None
-        if t.export:
-            export_dir = export_policy(run, out / "hf")
+        if not preempted:
+            flush()
+            final_step = int(jax.device_get(run.state.step))
+            if run.eval_examples:
+                last_eval = logger.log(final_step, run.evaluate(t.eval_pairs), split="eval")
+                say(_eval_line(final_step, last_eval))
+            if ckpt.latest_step() != final_step:
+                save_checkpoint(run, ckpt)
+            if t.export:
+                export_dir = export_policy(run, out / "hf")
     finally:
+        watch.close()
         bar.close()
         logger.close()
         ckpt.close()
     return {"final_step": final_step, "train_metrics": last_train, "eval_metrics": last_eval,
-            "export_dir": str(export_dir) if export_dir else None, "total_steps": run.total_steps}
+            "export_dir": str(export_dir) if export_dir else None, "total_steps": run.total_steps,
+            "preempted": preempted, "skipped_steps": list(skipped)}
 
 
 def _kept_fraction(run: Run, rec: dict) -> float | None:
@@ -440,7 +715,14 @@ def export_policy(run: Run, out_dir: Path) -> Path:
 
     from poet_jax.models import save_pretrained
 
-    model = nnx.merge(run.graphdef, run.state.params, run.state.rest)
+    params, rest = run.state.params, run.state.rest
+    if jax.process_count() > 1:  # collective: every process gathers, the primary writes
+        from jax.experimental import multihost_utils
+
+        params, rest = multihost_utils.process_allgather((params, rest), tiled=True)
+        if jax.process_index() != 0:
+            return Path(out_dir)
+    model = nnx.merge(run.graphdef, params, rest)
     save_pretrained(model, out_dir, tokenizer=run.tokenizer)
     return Path(out_dir)
 

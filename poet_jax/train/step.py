@@ -15,6 +15,15 @@ rejected, as in ``PreferenceBatch``)::
 Gradient accumulation is exact: the per-pair losses of all micro-batches are summed and
 divided once by the number of valid pairs of the whole global batch, so 4 x 2 pairs and
 8 x 1 pairs give the same update (up to float summation order).
+
+Row groups (multi-process): with ``StepConfig.row_groups = G`` the ``2b`` rows of a
+micro-batch are G consecutive blocks, each ``[its b/G chosen rows; its b/G rejected
+rows]`` -- the layout one gets by concatenating the local batches of G processes along
+the row axis without moving any data. ``G = 1`` is the single-process layout above.
+
+Non-finite guard: if the loss or the gradient norm of a step is NaN/Inf, the step returns
+the old params and optimizer state (only ``step`` advances: the batch was consumed) and
+the metric ``nonfinite`` is 1.
 """
 
 from __future__ import annotations
@@ -60,13 +69,18 @@ class StepConfig:
 
     ``loss``: name in ``losses.LOSSES``; ``hparams``: sorted (key, value) pairs passed to it;
     ``reference``: ``frozen`` | ``precomputed`` | ``none``; ``logps_chunk``: positions per
-    chunk for token log-probs (0 = whole sequence).
+    chunk for token log-probs (0 = whole sequence); ``row_groups``: blocks of
+    ``[chosen; rejected]`` rows per micro-batch (the process count; see the module
+    docstring); ``inject_nan_at_step``: test-only, the loss of that 1-based step becomes NaN
+    (0 = off; ``POET_JAX_INJECT_NAN_AT_STEP``).
     """
 
     loss: str = "dpo"
     hparams: tuple[tuple[str, Any], ...] = (("beta", 0.1),)
     reference: str = "frozen"
     logps_chunk: int = 0
+    row_groups: int = 1
+    inject_nan_at_step: int = 0
 
     @property
     def beta(self) -> float:
@@ -148,18 +162,31 @@ def _chunked_logps(project, hidden, targets, chunk: int):
     return unchunk(tlp), unchunk(ml)
 
 
-def _split_rows(x):
-    b = x.shape[0] // 2
-    return x[:b], x[b:]
+def _split_rows(x, groups: int = 1):
+    """``[2b, ...]`` rows -> (chosen ``[b, ...]``, rejected ``[b, ...]``) for ``groups`` blocks of [chosen; rejected]."""
+    if groups == 1:
+        b = x.shape[0] // 2
+        return x[:b], x[b:]
+    g = x.reshape(groups, 2, -1, *x.shape[1:])
+    return g[:, 0].reshape(-1, *x.shape[1:]), g[:, 1].reshape(-1, *x.shape[1:])
+
+
+def _pair_to_rows(v, groups: int = 1):
+    """Per-pair ``[b]`` -> per-row ``[2b]`` in the row layout of :func:`_split_rows`."""
+    if groups == 1:
+        return jnp.concatenate([v, v])
+    g = v.reshape(groups, 1, -1)
+    return jnp.concatenate([g, g], axis=1).reshape(-1)
 
 
 def pair_losses(cfg: StepConfig, pol: dict, ref_logps: jax.Array | None) -> tuple[jax.Array, dict]:
     """Per-pair loss ``[b]`` and per-pair metrics from row statistics (``[2b]`` each)."""
-    pc, pr = _split_rows(pol["logps"])
-    nc, nr = _split_rows(pol["n_tokens"])
+    g = cfg.row_groups
+    pc, pr = _split_rows(pol["logps"], g)
+    nc, nr = _split_rows(pol["n_tokens"], g)
     kwargs = {}
     if ref_logps is not None:
-        kwargs["ref_chosen_logps"], kwargs["ref_rejected_logps"] = _split_rows(ref_logps)
+        kwargs["ref_chosen_logps"], kwargs["ref_rejected_logps"] = _split_rows(ref_logps, g)
     chosen_nll = -pc / jnp.maximum(nc, 1.0)
     loss, metrics = losses.compute_preference_loss(
         cfg.loss, pc, pr, chosen_lengths=nc, rejected_lengths=nr, chosen_nll=chosen_nll,
@@ -193,9 +220,9 @@ def micro_batch_sums(cfg: StepConfig, params, graphdef, rest, ref_params, mb: di
     sums = {k: losses.reduce_pairs(v, valid)[0] for k, v in metrics.items()}
     sums["pairs"] = count
     # token-weighted TRL metrics: mean logit over chosen / rejected response tokens
-    vrow = jnp.concatenate([valid, valid])
-    lc, lr = _split_rows(pol["logit_sum"] * vrow)
-    tc, tr = _split_rows(pol["n_tokens"] * vrow)
+    vrow = _pair_to_rows(valid, cfg.row_groups)
+    lc, lr = _split_rows(pol["logit_sum"] * vrow, cfg.row_groups)
+    tc, tr = _split_rows(pol["n_tokens"] * vrow, cfg.row_groups)
     sums.update(
         {
             "logits/chosen_sum": jnp.sum(lc),
@@ -231,14 +258,22 @@ def train_step(cfg: StepConfig, graphdef, tx: optax.GradientTransformation, sche
     """One optimizer step over ``A`` accumulated micro-batches (pure; see module docstring).
 
     Returns ``(new_state, metrics)``; metrics are float32 scalars: the loss and TRL
-    metrics averaged over valid pairs, ``grad_norm`` (before clipping), ``learning_rate``.
+    metrics averaged over valid pairs, ``grad_norm`` (before clipping), ``learning_rate``,
+    ``nonfinite`` (1 if the update was dropped because the loss or gradient was NaN/Inf).
     """
+    poison = None
+    if cfg.inject_nan_at_step:
+        poison = jnp.where(state.step + 1 == cfg.inject_nan_at_step, jnp.float32(jnp.nan), jnp.float32(1.0))
+
+    def loss_fn(p, mb):
+        loss_sum, sums = micro_batch_sums(cfg, p, graphdef, state.rest, state.ref_params, mb)
+        if poison is not None:
+            loss_sum = loss_sum * poison
+        return loss_sum, sums
 
     def micro(carry, mb):
         grads_acc, sums_acc = carry
-        (loss_sum, sums), grads = jax.value_and_grad(
-            lambda p: micro_batch_sums(cfg, p, graphdef, state.rest, state.ref_params, mb), has_aux=True
-        )(state.params)
+        (loss_sum, sums), grads = jax.value_and_grad(lambda p: loss_fn(p, mb), has_aux=True)(state.params)
         sums["loss"] = loss_sum
         grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
         sums_acc = jax.tree.map(jnp.add, sums_acc, sums)
@@ -257,9 +292,14 @@ def train_step(cfg: StepConfig, graphdef, tx: optax.GradientTransformation, sche
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    params = jax.tree.map(keep, params, state.params)
+    opt_state = jax.tree.map(keep, opt_state, state.opt_state)
     metrics = finalize_metrics(sums)
     metrics["grad_norm"] = grad_norm
     metrics["learning_rate"] = schedule(state.step)
+    metrics["nonfinite"] = 1.0 - finite.astype(F32)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
@@ -323,10 +363,24 @@ def _match_shardings(abstract_opt, params, param_shardings, replicated):
 def jit_train_step(cfg: StepConfig, graphdef, tx, schedule, state_shardings, batch_sharding):
     """``jax.jit`` of :func:`train_step` with explicit shardings; the state argument is donated."""
     fn = partial(train_step, cfg, graphdef, tx, schedule)
-    return jax.jit(fn, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
-                   donate_argnums=(0,))
+    return jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, _replicated_like(state_shardings)), donate_argnums=(0,))
 
 
 def jit_eval_step(cfg: StepConfig, graphdef, state_shardings, batch_sharding):
     fn = partial(eval_step, cfg, graphdef)
-    return jax.jit(fn, in_shardings=(state_shardings, batch_sharding))
+    return jax.jit(fn, in_shardings=(state_shardings, batch_sharding), out_shardings=_replicated_like(state_shardings))
+
+
+def _replicated_like(shardings):
+    """A fully replicated ``NamedSharding`` on the mesh of ``shardings`` (None without a mesh).
+
+    Metrics come back replicated, so every process can read them (``float()``) even when
+    the mesh spans several processes.
+    """
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    for s in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)):
+        if isinstance(s, NamedSharding):
+            return NamedSharding(s.mesh, PartitionSpec())
+    return None
