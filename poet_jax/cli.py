@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     e.add_argument("--out", default=None, help="output directory (default: <run_dir>/hf-step<N>)")
 
+    # eval and demo own their argument parsers; main() hands them the rest of the command line
+    sub.add_parser("eval", help="prefix-margin (M_k) and generation evaluation (poet-jax eval --help)", add_help=False)
+    sub.add_parser("demo", help="the embedded DPO vs POET demo (poet-jax demo --help)", add_help=False)
+
     c = sub.add_parser("config", help="print the resolved configuration or the schema")
     c.add_argument("config", nargs="?", help="YAML config file")
     c.add_argument("overrides", nargs="*", help="dotted key=value overrides")
@@ -81,6 +85,24 @@ def _cmd_config(args) -> int:
     return 0
 
 
+def _prefix_margin_hook(run) -> dict:
+    """M_k metrics of the held-out pairs against the frozen reference (needs per-token reference
+    log-probs, so not with a precomputed or no reference; single process only)."""
+    import jax
+
+    if run.state.ref_params is None or jax.process_count() > 1 or not run.eval_examples:
+        return {}
+    from poet_jax.evaluate.margins import prefix_margin_metrics
+
+    metrics = prefix_margin_metrics(run.graphdef, run.state.params, run.state.ref_params, run.eval_examples,
+                                    run.pad_id, beta=run.cfg.loss.beta, rest=run.state.rest,
+                                    max_pairs=run.cfg.train.eval_pairs or 256)
+    # the trainer's own eval logs rewards/*; keep this second computation under its own names
+    metrics["M_k/full_margin"] = metrics.pop("rewards/margins")
+    metrics["M_k/full_accuracy"] = metrics.pop("rewards/accuracies")
+    return metrics
+
+
 def _cmd_train(args) -> int:
     from poet_jax.train.config import load_config
 
@@ -91,7 +113,7 @@ def _cmd_train(args) -> int:
     from poet_jax.train.loop import train
 
     try:
-        result = train(cfg)
+        result = train(cfg, eval_hooks=[_prefix_margin_hook] if cfg.train.eval_prefix_margins else [])
     except Exception as err:  # noqa: BLE001
         _fail_fast_if_multiprocess(err)
         raise
@@ -133,7 +155,22 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _delegated(command: str):
+    if command == "eval":
+        from poet_jax.evaluate.cli import main_eval
+
+        return main_eval
+    if command == "demo":
+        from poet_jax.demo.run import main_demo
+
+        return main_demo
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and (delegate := _delegated(argv[0])) is not None:
+        return delegate(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)  # argparse itself exits with 2 on bad usage
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,33 @@ def test_usage_errors_exit_2():
     with pytest.raises(SystemExit) as exc:
         main(["frobnicate"])
     assert exc.value.code == 2
+
+
+def test_eval_and_demo_subcommands_route_to_their_parsers(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--help"])
+    assert exc.value.code == 0 and "--seeds" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["eval"])  # --policy, --reference and --data are required
+    assert exc.value.code == 2 and "--policy" in capsys.readouterr().err
+
+
+def test_train_logs_prefix_margins_that_agree_with_the_eval_margin(tmp_path, tiny_llama_dir, shared_data):
+    """`poet-jax train` adds M_k to its evaluation; the full-length M equals the trainer's own eval margin."""
+    import json
+
+    out = tmp_path / "run"
+    rc = main(["train", TINY, f"model.path={tiny_llama_dir}", "model.create_tiny=false",
+               f"data.path={shared_data / 'dpo_en_demo.json'}", f"train.output_dir={out}",
+               "train.max_steps=2", "train.eval_pairs=8", "train.export=false", "train.progress=false",
+               "train.tensorboard=false", "data.max_length=128", "data.max_prompt_length=64"])
+    assert rc == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["split"] == "eval"]
+    assert evals, records
+    last = evals[-1]
+    assert math.isfinite(last["M_k/mean@1"]) and math.isfinite(last["M_frac/mean@0.5"])
+    assert 0.0 <= last["M_k/positive@1"] <= 1.0
+    # two fp32 code paths summing ~100 log-probs of size ~-400 each: ~1e-4 absolute per sum, times beta 0.1
+    assert last["M_k/full_margin"] == pytest.approx(last["rewards/margins"], abs=2e-5)
+    assert last["M_k/full_accuracy"] == pytest.approx(last["rewards/accuracies"], abs=1e-6)

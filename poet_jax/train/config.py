@@ -163,6 +163,10 @@ class TrainSection:
     eval_every: int = _f(0, "evaluate on the held-out split every N steps (0 = only at the end)")
     eval_pairs: int = _f(0, "evaluate on at most this many held-out pairs (0 = all)")
     eval_batch: int = _f(0, "pairs per evaluation batch (0 = micro_batch)")
+    eval_prefix_margins: bool = _f(
+        True, "log the prefix margins M_k (at k = 1, 2, 4, 8, 16 and 10/25/50/100% of the shorter response) "
+        "in every evaluation (`poet-jax train` with a frozen reference, single process)"
+    )
     save_every: int = _f(0, "save an Orbax checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = _f(2, "keep the last K checkpoints")
     async_checkpoint: bool = _f(

@@ -29,7 +29,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -556,9 +556,21 @@ def _nonfinite_message(step: int, rec: dict, last_ckpt: int | None) -> str:
             "updates and continue")
 
 
-def train(cfg: Config, *, progress: bool | None = None) -> dict:
+def _evaluate_with_hooks(run: Run, max_pairs: int, hooks: Sequence[Callable[[Run], dict]]) -> dict:
+    metrics = dict(run.evaluate(max_pairs))
+    for hook in hooks:
+        metrics.update(hook(run))
+    return metrics
+
+
+def train(cfg: Config, *, progress: bool | None = None,
+          eval_hooks: Sequence[Callable[[Run], dict]] = ()) -> dict:
     """Train (or resume) per ``cfg``; returns ``{"final_step", "train_metrics", "eval_metrics", "export_dir",
     "total_steps", "preempted", "skipped_steps"}``.
+
+    ``eval_hooks``: callables ``hook(run) -> {name: float}`` whose results are merged into every
+    evaluation record (the CLI uses one to log the M_k prefix margins of poet_jax.evaluate, which
+    this stage may not import).
 
     Raises :class:`~poet_jax.train.faults.NonFiniteError` on a NaN/Inf step with ``train.on_nonfinite=stop``.
     """
@@ -659,7 +671,7 @@ def train(cfg: Config, *, progress: bool | None = None) -> dict:
                 flush()
             bar.update(1)
             if t.eval_every and done % t.eval_every == 0 and not is_last and run.eval_examples:
-                last_eval = logger.log(done, run.evaluate(t.eval_pairs), split="eval")
+                last_eval = logger.log(done, _evaluate_with_hooks(run, t.eval_pairs, eval_hooks), split="eval")
                 say(_eval_line(done, last_eval))
                 window["t0"] = time.perf_counter()
             if watch.should_stop():
@@ -678,7 +690,7 @@ def train(cfg: Config, *, progress: bool | None = None) -> dict:
             flush()
             final_step = int(jax.device_get(run.state.step))
             if run.eval_examples:
-                last_eval = logger.log(final_step, run.evaluate(t.eval_pairs), split="eval")
+                last_eval = logger.log(final_step, _evaluate_with_hooks(run, t.eval_pairs, eval_hooks), split="eval")
                 say(_eval_line(final_step, last_eval))
             if ckpt.latest_step() != final_step:
                 save_checkpoint(run, ckpt)
