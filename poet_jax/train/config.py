@@ -113,6 +113,15 @@ class DataSection:
                             choices=("error", "skip"))
     cache_dir: str = _f("", "cache of tokenized pairs; empty = <output_dir>/data_cache")
     max_records: int = _f(0, "read at most this many records per source (0 = all)")
+    layout: str = _f(
+        "two_row",
+        "training rows: two_row ([prompt+chosen], [prompt+rejected]); shared_prompt (one [prompt|chosen|rejected] "
+        "row per pair, prompt computed once); packed (several pairs' two sequences per row); packed_shared "
+        "(several shared-prompt pairs per row). Single process only; evaluation keeps two_row",
+        choices=("two_row", "shared_prompt", "packed", "packed_shared"),
+    )
+    packed_row_length: int = _f(0, "slots per row of the non-two_row layouts; 0 = 2 * data.max_length")
+    max_pairs_per_row: int = _f(4, "pairs per row at most (packed / packed_shared layouts)")
 
 
 @dataclass
@@ -444,6 +453,10 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         raise ConfigError(f"data.max_records must be >= 0, got {d.max_records}")
     if any(b < 1 for b in d.bucket_lengths):
         raise ConfigError(f"data.bucket_lengths must be positive, got {d.bucket_lengths}")
+    if d.packed_row_length < 0:
+        raise ConfigError(f"data.packed_row_length must be >= 0, got {d.packed_row_length}")
+    if d.max_pairs_per_row < 1:
+        raise ConfigError(f"data.max_pairs_per_row must be >= 1, got {d.max_pairs_per_row}")
     if d.bucket_lengths and max(d.bucket_lengths) < d.max_length:
         raise ConfigError(
             f"data.bucket_lengths: the largest bucket {max(d.bucket_lengths)} must be >= data.max_length={d.max_length}"
@@ -464,6 +477,9 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         raise ConfigError(
             f"reference.mode: loss {lo.name!r} is reference-free; set reference.mode to none or auto"
         )
+    if d.layout != "two_row" and mode == "precomputed":
+        raise ConfigError(f"data.layout={d.layout!r} is not supported with reference.mode=precomputed "
+                          "(use frozen, or data.layout=two_row)")
     if r.batch_pairs < 0:
         raise ConfigError(f"reference.batch_pairs must be >= 0, got {r.batch_pairs}")
     if not o.lr > 0:

@@ -165,6 +165,63 @@ def to_micro_batches(batch: PreferenceBatch, n_micro: int, ref: np.ndarray | Non
     return out
 
 
+PACKED_KEYS = ("input_ids", "positions", "segment_ids", "branch_ids", "chosen_targets", "chosen_mask",
+               "rejected_targets", "rejected_mask", "pair_slot", "pair_valid")
+
+
+def packed_batch_shardings(mesh, with_ref: bool = False) -> dict[str, NamedSharding]:
+    """Per-key shardings of packed micro-batches ``[A, R, L]`` / ``[A, R, M]``: rows ``R`` split over
+    ``data x fsdp``; ``ref_logps`` ``[A, 2N]`` (pair slots, chosen then rejected) replicated."""
+    out = {k: batch_sharding(mesh, 3, 1) for k in PACKED_KEYS}
+    if with_ref:
+        out["ref_logps"] = NamedSharding(mesh, P())
+    return out
+
+
+def layout_options(cfg: Config) -> dict:
+    """``{"shared_prompt", "max_pairs_per_row", "row_length"}`` of a non-two_row ``data.layout``."""
+    d = cfg.data
+    if d.layout not in ("shared_prompt", "packed", "packed_shared"):
+        raise ConfigError(f"data.layout={d.layout!r} has no packing options")
+    return {
+        "shared_prompt": d.layout in ("shared_prompt", "packed_shared"),
+        "max_pairs_per_row": 1 if d.layout == "shared_prompt" else d.max_pairs_per_row,
+        "row_length": d.packed_row_length or 2 * d.max_length,
+    }
+
+
+def to_packed_micro_batches(examples: Sequence, indices: np.ndarray, valid: np.ndarray | None, n_micro: int,
+                            pad_id: int, *, shared_prompt: bool, max_pairs_per_row: int, row_length: int,
+                            row_multiple: int = 1) -> dict[str, np.ndarray]:
+    """A global batch of pairs -> ``A = n_micro`` packed micro-batches (``PackedBatch.as_dict()`` stacked).
+
+    ``indices`` ``[B]`` example indices, ``valid`` ``[B]`` (0: filler pair, dropped; None = all real).
+    Micro-batch ``a`` packs pairs ``a*b .. (a+1)*b - 1`` (``b = B / A``, the same pairs as
+    :func:`to_micro_batches`) first-fit into rows of ``row_length`` slots; every micro-batch is
+    padded with empty rows to the same row count (a multiple of ``row_multiple``). Returns int32
+    ``[A, R, L]`` row arrays and ``pair_valid`` ``[A, R, M]``, plus ``example_index`` ``[A, R, M]``
+    (host only; -1 for empty slots).
+    """
+    from poet_jax.data.packing import make_packed_batch, pack_pairs
+
+    idx = np.asarray(indices, np.int64).copy()
+    if valid is not None:
+        idx[np.asarray(valid) == 0] = -1
+    if idx.size % n_micro:
+        raise ValueError(f"batch of {idx.size} pairs cannot be split into {n_micro} micro-batches")
+    b = idx.size // n_micro
+    plans = [pack_pairs(examples, idx[a * b:(a + 1) * b], num_rows=None, row_length=row_length,
+                        max_pairs_per_row=max_pairs_per_row, shared_prompt=shared_prompt, row_multiple=row_multiple)
+             for a in range(n_micro)]
+    rows = max(p.shape[0] for p in plans)
+    plans = [np.concatenate([p, np.full((rows - p.shape[0], p.shape[1]), -1, np.int64)]) for p in plans]
+    packed = [make_packed_batch(examples, p, pad_id, row_length=row_length, shared_prompt=shared_prompt)
+              for p in plans]
+    out = {k: np.stack([getattr(pb, k) for pb in packed]) for k in PACKED_KEYS}
+    out["example_index"] = np.stack(plans)
+    return out
+
+
 def group_rows(x: np.ndarray, groups: int) -> np.ndarray:
     """``[2b, ...]`` rows ``[chosen; rejected]`` -> the ``groups``-block layout of :func:`to_micro_batches`."""
     if groups == 1:
@@ -184,6 +241,18 @@ def _check_process_split(cfg: Config, pc: int) -> None:
                      ("train.eval_batch", t.eval_batch or micro_batch(cfg))):
         if val % pc:
             raise ConfigError(f"{key}={val} is not divisible by the {pc} processes")
+
+
+def _check_packed_fit(cfg: Config, examples: Sequence) -> None:
+    """Every training pair must fit one packed row (``data.packed_row_length``)."""
+    from poet_jax.data.packing import pair_tokens
+
+    opts = layout_options(cfg)
+    for i, e in enumerate(examples):
+        n = pair_tokens(e, opts["shared_prompt"])
+        if n > opts["row_length"]:
+            raise ConfigError(f"data.packed_row_length={opts['row_length']}: training pair {i} needs {n} row slots "
+                              f"in data.layout={cfg.data.layout!r}; raise data.packed_row_length")
 
 
 def _check_batch_shards(cfg: Config, mesh, row_groups: int) -> None:
@@ -266,15 +335,18 @@ class Run:
 
     def train_fn(self):
         if self._train_fn is None:
+            shards = (packed_batch_shardings(self.mesh, self.ref_mode == "precomputed") if self.step_cfg.packed
+                      else batch_shardings(self.mesh, self.ref_mode == "precomputed", micro=True))
             self._train_fn = jit_train_step(
-                self.step_cfg, self.graphdef, self.tx, self.schedule, self.state_shardings(),
-                batch_shardings(self.mesh, self.ref_mode == "precomputed", micro=True),
+                self.step_cfg, self.graphdef, self.tx, self.schedule, self.state_shardings(), shards,
             )
         return self._train_fn
 
     def eval_fn(self):
         if self._eval_fn is None:
-            self._eval_fn = jit_eval_step(self.step_cfg, self.graphdef, self.state_shardings(),
+            # evaluation always uses the two-row layout
+            eval_cfg = dataclasses.replace(self.step_cfg, packed=False)
+            self._eval_fn = jit_eval_step(eval_cfg, self.graphdef, self.state_shardings(),
                                           batch_shardings(self.mesh, self.ref_mode == "precomputed", micro=False))
         return self._eval_fn
 
@@ -283,8 +355,22 @@ class Run:
         return self.cfg.train.global_batch // micro_batch(self.cfg)
 
     # -- one step -----------------------------------------------------------------------
-    def next_global_batch(self) -> tuple[PreferenceBatch, np.ndarray | None]:
+    @property
+    def layout(self) -> str:
+        return self.cfg.data.layout
+
+    def packed_batch(self, indices, valid=None) -> dict[str, np.ndarray]:
+        """Packed micro-batches (:func:`to_packed_micro_batches`) of the given global batch of pairs
+        for the configured non-two_row ``data.layout``; pass the result to :meth:`step`."""
+        ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        return to_packed_micro_batches(self.train_examples, indices, valid, self.n_micro, self.pad_id,
+                                       row_multiple=ways, **layout_options(self.cfg))
+
+    def next_global_batch(self) -> tuple[PreferenceBatch | dict, np.ndarray | None]:
+        """The next sampler batch: a ``PreferenceBatch`` (two_row) or packed micro-batches (a dict)."""
         plan = next(self.sampler)
+        if self.step_cfg.packed:
+            return self.packed_batch(plan.indices, plan.valid), None
         batch = batch_from_plan(self.train_examples, plan, self.pad_id)
         ref = self.ref_train[plan.indices] if self.ref_train is not None else None
         return batch, ref
@@ -303,7 +389,19 @@ class Run:
 
     def step(self, batch: PreferenceBatch, ref: np.ndarray | None = None) -> dict:
         """Run one optimizer step on a global batch (this process's share of it when several
-        processes run); updates ``self.state``; returns device metrics (replicated scalars)."""
+        processes run); updates ``self.state``; returns device metrics (replicated scalars).
+
+        Packed layouts: ``batch`` is the dict of :meth:`packed_batch` (``ref`` must be None)."""
+        if isinstance(batch, dict):
+            if not self.step_cfg.packed:
+                raise ValueError("Run.step got packed micro-batches but data.layout is two_row")
+            shardings = packed_batch_shardings(self.mesh, False)
+            dev = {k: jax.device_put(batch[k], shardings[k]) for k in PACKED_KEYS}
+            self.state, metrics = self.train_fn()(self.state, dev)
+            return metrics
+        if self.step_cfg.packed:
+            raise ValueError(f"data.layout={self.layout!r}: Run.step needs the packed micro-batches of "
+                             "Run.packed_batch, not a PreferenceBatch")
         arrays = to_micro_batches(batch, self.n_micro, ref, self.local_row_groups)
         shardings = batch_shardings(self.mesh, ref is not None, micro=True)
         dev = {k: put_global(v, shardings[k], 1) for k, v in arrays.items()}
@@ -335,7 +433,13 @@ class Run:
         out = finalize_metrics(totals)
         return {k: float(v) for k, v in out.items()}
 
-    def flops(self, batch: PreferenceBatch) -> float:
+    def flops(self, batch: PreferenceBatch | dict) -> float:
+        if isinstance(batch, dict):  # packed: every sequence's real length (segments of a row)
+            seg = batch["segment_ids"].reshape(-1, batch["segment_ids"].shape[-1])
+            lengths = np.concatenate([np.bincount(r[r > 0])[1:] for r in seg] or [np.zeros(0, np.int64)])
+            lengths = lengths[lengths > 0]
+            return flops_mod.preference_step_flops(self.model_config, lengths,
+                                                   with_reference=self.ref_mode == "frozen")
         lengths = batch.attention_mask.sum(axis=1)[np.concatenate([batch.pair_valid, batch.pair_valid]) > 0]
         return flops_mod.preference_step_flops(self.model_config, lengths, with_reference=self.ref_mode == "frozen")
 
@@ -349,6 +453,9 @@ def setup(cfg: Config, *, progress: bool | None = None) -> Run:
     show = cfg.train.progress if progress is None else progress
     pc, pi = jax.process_count(), jax.process_index()
     _check_process_split(cfg, pc)
+    if cfg.data.layout != "two_row" and pc > 1:
+        raise ConfigError(f"data.layout={cfg.data.layout!r} runs in a single process only ({pc} processes); "
+                          "use data.layout=two_row")
     mesh = build_mesh(cfg)  # fail fast when the mesh does not fit the devices
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -363,6 +470,9 @@ def setup(cfg: Config, *, progress: bool | None = None) -> Run:
     train_examples, eval_examples, report = data.train_examples, data.eval_examples, data.report
     if cfg.train.eval_pairs:
         eval_examples = eval_examples[: cfg.train.eval_pairs]
+
+    if cfg.data.layout != "two_row":
+        _check_packed_fit(cfg, train_examples)
 
     gb = cfg.train.global_batch
     sampler = BatchSampler(row_lengths(train_examples), gb, bucket_lengths=data.bucket_lengths, seed=cfg.train.seed,
@@ -390,9 +500,10 @@ def setup(cfg: Config, *, progress: bool | None = None) -> Run:
     # one process: plain [chosen; rejected] rows; several: one [chosen; rejected] block per batch shard
     row_groups = 1 if pc == 1 else mesh.shape["data"] * mesh.shape["fsdp"]
     _check_batch_shards(cfg, mesh, row_groups)
+    packed = cfg.data.layout != "two_row"
     step_cfg = StepConfig(loss=cfg.loss.name, hparams=loss_hparams(cfg.loss),
                           reference=ref_mode, logps_chunk=cfg.train.logps_chunk, row_groups=row_groups,
-                          inject_nan_at_step=faults.nan_at_step)
+                          inject_nan_at_step=faults.nan_at_step, packed=packed)
     run = Run(cfg=cfg, model_dir=Path(model_dir), tokenizer=tokenizer, mesh=mesh, graphdef=graphdef, state=state,
               step_cfg=step_cfg, tx=tx, schedule=schedule, train_examples=train_examples,
               eval_examples=eval_examples, sampler=sampler, total_steps=total, ref_mode=ref_mode,

@@ -71,7 +71,8 @@ class StepConfig:
     ``reference``: ``frozen`` | ``precomputed`` | ``none``; ``logps_chunk``: positions per
     chunk for token log-probs (0 = whole sequence); ``row_groups``: blocks of
     ``[chosen; rejected]`` rows per micro-batch (the process count; see the module
-    docstring); ``inject_nan_at_step``: test-only, the loss of that 1-based step becomes NaN
+    docstring); ``packed``: micro-batches are ``PackedBatch.as_dict()`` arrays (shared-prompt /
+    packed rows, see :func:`packed_micro_batch_sums`); ``inject_nan_at_step``: test-only, the loss of that 1-based step becomes NaN
     (0 = off; ``POET_JAX_INJECT_NAN_AT_STEP``).
     """
 
@@ -81,6 +82,7 @@ class StepConfig:
     logps_chunk: int = 0
     row_groups: int = 1
     inject_nan_at_step: int = 0
+    packed: bool = False
 
     @property
     def beta(self) -> float:
@@ -204,6 +206,8 @@ def micro_batch_sums(cfg: StepConfig, params, graphdef, rest, ref_params, mb: di
     includes ``pairs`` (valid pairs), ``tokens`` (real tokens in the batch),
     ``logits/chosen_sum`` etc. for token-weighted means.
     """
+    if cfg.packed:
+        return packed_micro_batch_sums(cfg, params, graphdef, rest, ref_params, mb)
     model = nnx.merge(graphdef, params, rest)
     pol = sequence_stats(model, mb["input_ids"], mb["attention_mask"], mb["response_mask"], cfg.logps_chunk)
     if cfg.reference == "frozen":
@@ -230,6 +234,46 @@ def micro_batch_sums(cfg: StepConfig, params, graphdef, rest, ref_params, mb: di
             "tokens/chosen": jnp.sum(tc),
             "tokens/rejected": jnp.sum(tr),
             "tokens": jnp.sum(mb["attention_mask"].astype(F32) * vrow[:, None]),
+        }
+    )
+    return loss_sum, sums
+
+
+def packed_micro_batch_sums(cfg: StepConfig, params, graphdef, rest, ref_params, mb: dict):
+    """:func:`micro_batch_sums` for one packed / shared-prompt micro-batch (``cfg.packed``).
+
+    ``mb``: ``PackedBatch.as_dict()`` arrays, int32 ``[R, L]`` rows and ``pair_valid`` ``[R, M]``;
+    with the precomputed reference also ``ref_logps`` float32 ``[2N]`` (``N = R * M`` pair slots,
+    chosen then rejected). Per-pair results match the two-row path; ``tokens`` counts the real
+    (non-padding) slots of the rows.
+    """
+    from .packed import packed_reference_logps, packed_sequence_stats
+
+    if cfg.row_groups != 1:
+        raise ValueError(f"packed layouts need StepConfig.row_groups=1, got {cfg.row_groups}")
+    model = nnx.merge(graphdef, params, rest)
+    pol = packed_sequence_stats(model, mb, cfg.logps_chunk)
+    if cfg.reference == "frozen":
+        ref_logps = packed_reference_logps(graphdef, ref_params, rest, mb, cfg.logps_chunk)
+    elif cfg.reference == "precomputed":
+        ref_logps = mb["ref_logps"].astype(F32)
+    else:
+        ref_logps = None
+    loss, metrics = pair_losses(cfg, pol, ref_logps)
+    valid = mb["pair_valid"].reshape(-1).astype(F32)
+    loss_sum, count = losses.reduce_pairs(loss, valid)
+    sums = {k: losses.reduce_pairs(v, valid)[0] for k, v in metrics.items()}
+    sums["pairs"] = count
+    vrow = jnp.concatenate([valid, valid])
+    lc, lr = _split_rows(pol["logit_sum"] * vrow)
+    tc, tr = _split_rows(pol["n_tokens"] * vrow)
+    sums.update(
+        {
+            "logits/chosen_sum": jnp.sum(lc),
+            "logits/rejected_sum": jnp.sum(lr),
+            "tokens/chosen": jnp.sum(tc),
+            "tokens/rejected": jnp.sum(tr),
+            "tokens": jnp.sum((mb["segment_ids"] > 0).astype(F32)),
         }
     )
     return loss_sum, sums
