@@ -91,6 +91,25 @@ def fault_train_config(tiny_llama_dir, shared_data) -> dict:
 
 
 @pytest.fixture(scope="session")
+def write_fault_config(fault_train_config):
+    """``write(out, **train) -> Path``: ``fault_train_config`` with ``train.output_dir=out`` and the given
+    ``train.*`` overrides, written as ``<out>.yaml`` for a ``poet-jax train`` subprocess."""
+    import copy
+
+    import yaml
+
+    def write(out: Path, **train) -> Path:
+        cfg = copy.deepcopy(fault_train_config)
+        cfg["train"]["output_dir"] = str(out)
+        cfg["train"].update(train)
+        path = out.parent / f"{out.name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
 def fault_reference_run(fault_train_config, tmp_path_factory) -> Path:
     """Output directory of the uninterrupted 12-step run of ``fault_train_config`` (one process, one device)."""
     import copy

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from poet_jax.train.checkpoint import Checkpointer
 from poet_jax.train.config import config_from_dict
@@ -28,15 +27,6 @@ from poet_jax.train.logger import read_metrics
 from poet_jax.train.loop import truncate_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _write_cfg(base: dict, out: Path, **train) -> Path:
-    cfg = copy.deepcopy(base)
-    cfg["train"]["output_dir"] = str(out)
-    cfg["train"].update(train)
-    path = out.parent / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def _env(**extra) -> dict:
@@ -78,9 +68,9 @@ def _assert_same_run(out: Path, ref: Path) -> None:
 
 @pytest.mark.slow
 def test_kill9_at_random_steps_and_during_save_then_sigterm_resume_exactly(
-        fault_train_config, fault_reference_run, tmp_path):
+        write_fault_config, fault_reference_run, tmp_path):
     out = tmp_path / "run"
-    cfg = _write_cfg(fault_train_config, out)
+    cfg = write_fault_config(out)
     k1 = random.Random(int(time.time())).randint(1, 7)  # before / at / after the first save (step 4)
 
     # 1. SIGKILL right after step k1 (the run restarts from whatever checkpoint was complete)
@@ -125,11 +115,11 @@ def test_kill9_at_random_steps_and_during_save_then_sigterm_resume_exactly(
 
 
 @pytest.mark.slow
-def test_injected_nan_stops_with_message_and_keeps_last_checkpoint(fault_train_config, tmp_path):
+def test_injected_nan_stops_with_message_and_keeps_last_checkpoint(write_fault_config, tmp_path):
     from poet_jax.train.export import export_checkpoint
 
     out = tmp_path / "nan"
-    cfg = _write_cfg(fault_train_config, out)
+    cfg = write_fault_config(out)
     p = _run(cfg, POET_JAX_INJECT_NAN_AT_STEP=6)
     assert p.returncode == 3, p.stderr[-2000:]
     err = p.stderr.strip().splitlines()

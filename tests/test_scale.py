@@ -7,7 +7,6 @@ The reference is the uninterrupted one-device run of the same config (conftest `
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import signal
@@ -19,20 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from poet_jax.train.logger import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _write_cfg(base: dict, out: Path, **train) -> Path:
-    cfg = copy.deepcopy(base)
-    cfg["train"]["output_dir"] = str(out)
-    cfg["train"].update(train)
-    path = out.parent / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def _env(**extra) -> dict:
@@ -68,10 +57,10 @@ def _assert_same_as_reference(out: Path, ref: Path, init_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_8_devices_data_fsdp_tensor_equals_one_device(fault_train_config, fault_reference_run, tiny_llama_dir,
+def test_8_devices_data_fsdp_tensor_equals_one_device(write_fault_config, fault_reference_run, tiny_llama_dir,
                                                       tmp_path):
     out = tmp_path / "mesh8"
-    cfg = _write_cfg(fault_train_config, out, fsdp=2, tensor=2)
+    cfg = write_fault_config(out, fsdp=2, tensor=2)
     env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=8", POET_JAX_CLUSTER="none")
     p = subprocess.run([sys.executable, "-m", "poet_jax.cli", "train", str(cfg)], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=400)
@@ -104,10 +93,10 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process(fault_train_config, fault_reference_run, tiny_llama_dir, tmp_path):
+def test_two_processes_equal_one_process(write_fault_config, fault_reference_run, tiny_llama_dir, tmp_path):
     """launch/local.py: 2 processes x 2 CPU devices (data=2 x fsdp=2 over gloo) == 1 process, 1 device."""
     out = tmp_path / "two"
-    cfg = _write_cfg(fault_train_config, out, fsdp=2)
+    cfg = write_fault_config(out, fsdp=2)
     p = subprocess.run([sys.executable, "launch/local.py", "-n", "2", "-d", "2", "--timeout", "400", str(cfg)],
                        env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=450)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
@@ -119,9 +108,9 @@ def test_two_processes_equal_one_process(fault_train_config, fault_reference_run
 
 
 @pytest.mark.slow
-def test_killed_process_stops_its_peer_within_60s(fault_train_config, tmp_path):
+def test_killed_process_stops_its_peer_within_60s(write_fault_config, tmp_path):
     out = tmp_path / "dies"
-    cfg = _write_cfg(fault_train_config, out, max_steps=400, save_every=0, export=False)
+    cfg = write_fault_config(out, max_steps=400, save_every=0, export=False)
     port = _free_port()
     procs, logs = [], []
     for i in range(2):
