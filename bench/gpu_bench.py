@@ -11,12 +11,13 @@ frozen bf16 reference. Two workloads, each compiled once and timed over several 
             tokens (fixed seed), both cut to k = min(len_c, len_r) physically (POET);
             rows padded to a multiple of 128
 
-Attention: cuDNN flash attention through ``jax.nn.dot_product_attention(implementation=
-"cudnn")``. poet_jax's model passes a dense [B, T, S] boolean mask, which makes cuDNN
-compute the whole score matrix; ``--attn cudnn_causal`` (default) swaps in, for this
-benchmark only, a causal call with per-row sequence lengths (right padding; exact for
-these batches), so the masked half is skipped. ``--attn cudnn`` uses the model's own call,
-``--attn xla`` the plain XLA path. The micro-batch is the largest of ``--pairs`` whose
+Attention (``--attn``): ``cudnn`` (default on GPU) is the model's native flash-attention
+path, ``CausalLM(attn_implementation="cudnn")``: for right-padded rows without a KV cache
+(these batches) it calls ``jax.nn.dot_product_attention(is_causal=True,
+query_seq_lengths=..., implementation="cudnn")``, so cuDNN skips the masked half of the
+score matrix. ``xla`` (default on CPU) is the model's default path
+(``attn_implementation=None``): explicit masked attention by query blocks of 128 that skip
+the key blocks above the diagonal. The micro-batch is the largest of ``--pairs`` whose
 compiled step fits in 90% of device memory (XLA's memory analysis).
 
 Prints per workload: pairs per step, step time, tokens/s (real tokens), MFU with the true
@@ -47,24 +48,6 @@ TINY = dict(
     model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
     num_kv_heads=2, head_dim=16, tie_word_embeddings=True,
 )
-
-
-def cudnn_causal_attention(q, k, v, mask, scale, softcap=None, implementation="cudnn"):
-    """Drop-in for ``poet_jax.models.transformer.attention`` on right-padded training rows.
-
-    Row b's valid length is the number of keys its last query may see (``mask[b, -1]``);
-    the attention kernel then applies causal + padding masking itself (cuDNN skips the
-    masked blocks). Query positions past a row's length are padding and their outputs
-    are not used. ``implementation="xla"`` runs the same call on CPU (tests).
-    """
-    import jax
-    import jax.numpy as jnp
-
-    if softcap is not None:
-        raise ValueError("cudnn_causal attention does not support logit soft-capping")
-    lengths = jnp.sum(mask[:, -1, :], axis=-1).astype(jnp.int32)
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, query_seq_lengths=lengths,
-                                        key_value_seq_lengths=lengths, implementation=implementation)
 
 
 def synthetic_batch(rng, pairs: int, prompt: int, resp_lo: int, resp_hi: int, vocab: int, poet: bool,
@@ -120,8 +103,9 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=None, help="row length (default 2048; cpu 128)")
     p.add_argument("--pairs", default=None, help="candidate pairs per step, largest first (default 32,16,8,4; cpu 2)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per workload (default 5; cpu 2)")
-    p.add_argument("--attn", default=None, choices=("cudnn_causal", "cudnn", "xla"),
-                   help="attention implementation (default cudnn_causal on GPU, xla on CPU)")
+    p.add_argument("--attn", default=None, choices=("cudnn", "xla"),
+                   help="attention: the model's cuDNN flash path or its blocked explicit path (default cudnn on "
+                        "GPU, xla on CPU)")
     p.add_argument("--remat", default="dots_no_batch", choices=("none", "full", "dots", "dots_no_batch"))
     p.add_argument("--logps-chunk", type=int, default=512, help="sequence chunk of the LM head / log-probs")
     p.add_argument("--mem-fraction", type=float, default=0.9, help="usable share of device memory for sizing")
@@ -151,9 +135,8 @@ def main(argv=None) -> int:
     seq = args.seq or (128 if cpu else 2048)
     steps = args.steps or (2 if cpu else 5)
     cands = [int(x) for x in (args.pairs or ("2" if cpu else "32,16,8,4")).split(",")]
-    attn = args.attn or ("xla" if cpu else "cudnn_causal")
-    if attn == "cudnn_causal":
-        T.attention = cudnn_causal_attention  # benchmark-only swap, see the module docstring
+    attn = args.attn or ("xla" if cpu else "cudnn")
+    attn_desc = "cuDNN flash: causal + row lengths" if attn == "cudnn" else "XLA: blocked causal, explicit mask"
     dims = TINY if cpu else LLAMA_1B
     mcfg = ModelConfig(**dims, remat=args.remat, scan_layers=True)
     dtype = jnp.float32 if cpu else jnp.bfloat16
@@ -181,7 +164,7 @@ def main(argv=None) -> int:
 
     print(f"# gpu_bench: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, model {n_params / 1e6:.1f} M params "
           f"({'tiny' if cpu else 'Llama-3.2-1B shape'}), {jnp.dtype(dtype).name} compute, remat {args.remat}, "
-          f"attention {attn}, logps_chunk {args.logps_chunk}, init {init_s:.1f} s, peak "
+          f"attention {attn} ({attn_desc}), logps_chunk {args.logps_chunk}, init {init_s:.1f} s, peak "
           f"{peak / 1e12 if peak else float('nan'):.1f} TFLOP/s", flush=True)
     rng = np.random.default_rng(0)
     prompt = seq // 4

@@ -118,6 +118,52 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rot * sin
 
 
+ATTN_BLOCK = 128  # query block of the blocked causal attention (see :func:`attention`)
+
+
+def _masked_attention(q, k, v, mask, scale, softcap):
+    """Grouped-query attention on one block: ``q [B,T,H,Hd]``, ``k, v [B,S,K,Hd]``, ``mask [B,T,S]``.
+
+    Heads-major layout ``[B,K,G*T,Hd]`` (the ``G = H/K`` query heads sharing a key head are
+    stacked along the query axis, so each kv head is one ``[G*T,Hd] x [Hd,S]`` matmul); scores
+    and softmax in fp32, probabilities cast back to ``v.dtype``. Returns ``[B,T,H,Hd]``.
+    """
+    B, T, H, Hd = q.shape
+    K = k.shape[2]
+    G = H // K
+    qg = q.reshape(B, T, K, G, Hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, Hd)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    s = jnp.einsum("bkqd,bksd->bkqs", qg, kt, preferred_element_type=F32) * scale
+    if softcap is not None:
+        s = jnp.tanh(s / softcap) * softcap
+    m = jnp.broadcast_to(mask[:, None, None], (B, 1, G) + mask.shape[1:]).reshape(B, 1, G * T, -1)
+    s = jnp.where(m, s, _NEG)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("bkqs,bksd->bkqd", p, vt)
+    return o.reshape(B, K, G, T, Hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Hd)
+
+
+def blocked_causal_attention(q, k, v, mask, scale, softcap=None, block: int = ATTN_BLOCK):
+    """Causal attention computed block by block, skipping key blocks above the diagonal.
+
+    ``q [B,T,H,Hd]``, ``k, v [B,T,K,Hd]`` (same slots, no cache), ``mask [B,T,T]`` bool that
+    already contains row causality (``key slot <= query slot``), plus any padding, segment or
+    window rule. Query block ``i`` (slots ``[i*block, (i+1)*block)``) only meets keys
+    ``[0, (i+1)*block)``: every key it skips is masked anyway, so the result equals full
+    masked attention while computing about ``(n+1)/(2n)`` of the ``T x T`` scores (``n``
+    blocks). Returns ``[B,T,H,Hd]``.
+    """
+    T = q.shape[1]
+    if T <= block:
+        return _masked_attention(q, k, v, mask, scale, softcap)
+    outs = []
+    for start in range(0, T, block):
+        end = min(start + block, T)
+        outs.append(_masked_attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end], scale,
+                                      softcap))
+    return jnp.concatenate(outs, axis=1)
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -128,14 +174,18 @@ def attention(
     implementation: str | None = None,
     seq_lengths: jax.Array | None = None,
     window: int | None = None,
+    causal_blocks: bool = False,
 ) -> jax.Array:
     """Grouped-query attention. ``q [B,T,H,Hd]``, ``k, v [B,S,K,Hd]``, ``mask [B,T,S]`` bool.
 
-    * soft-capping (Gemma-2): an explicit fp32-softmax path (``tanh(s/cap)*cap`` before masking);
     * ``seq_lengths [B]`` given (right-padded rows, no cache): ``jax.nn.dot_product_attention``
       with ``is_causal`` + sequence lengths + ``local_window_size`` — the form cuDNN flash
       attention accepts (``implementation="cudnn"``); ``mask`` is ignored;
-    * otherwise ``jax.nn.dot_product_attention`` with the boolean mask (XLA).
+    * ``implementation="xla"`` (no soft-capping): ``jax.nn.dot_product_attention`` with the
+      boolean mask, the full ``T x S`` score matrix;
+    * otherwise (``None``): explicit fp32 scores (Gemma-2 soft-capping included); with
+      ``causal_blocks`` (no KV cache, ``mask`` holds row causality) by query blocks that skip
+      the key blocks above the diagonal (:func:`blocked_causal_attention`).
 
     Returns ``[B,T,H,Hd]`` in ``q.dtype``.
     """
@@ -146,19 +196,13 @@ def attention(
             local_window_size=None if window is None else (window - 1, 0),
             implementation=implementation,
         )
-    if softcap is None:
+    if softcap is None and implementation is not None:
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask[:, None], scale=scale, implementation=implementation
         )
-    B, T, H, Hd = q.shape
-    K = k.shape[2]
-    qg = q.reshape(B, T, K, H // K, Hd)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=F32) * scale
-    s = jnp.tanh(s / softcap) * softcap
-    s = jnp.where(mask[:, None, None], s, _NEG)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bkgts,bskd->btkgd", p, v)
-    return o.reshape(B, T, H, Hd)
+    if causal_blocks and q.shape[1] == k.shape[1]:
+        return blocked_causal_attention(q, k, v, mask, scale, softcap).astype(q.dtype)
+    return _masked_attention(q, k, v, mask, scale, softcap).astype(q.dtype)
 
 
 def _act(name: str):
@@ -264,10 +308,12 @@ def decoder_layer(
     dt = h.dtype
     eps, off = cfg.rms_norm_eps, cfg.norm_offset
     w = lambda name: p[name].astype(dt)  # noqa: E731
-    x = rms_norm(h, p["attn_norm"], eps, off)
-    q = jnp.einsum("btd,dhk->bthk", x, w("q_proj"))
-    k = jnp.einsum("btd,dhk->bthk", x, w("k_proj"))
-    v = jnp.einsum("btd,dhk->bthk", x, w("v_proj"))
+    B, T, D = h.shape
+    # projections as 2-D [B*T, D] matmuls: the weight gradients are then plain [D, B*T] @ [B*T, F]
+    # products (XLA:CPU runs a dot that contracts both b and t about 2x slower)
+    x = rms_norm(h, p["attn_norm"], eps, off).reshape(B * T, D)
+    proj = lambda name: (x @ w(name).reshape(D, -1)).reshape((B, T) + p[name].shape[1:])  # noqa: E731
+    q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
     if cfg.qkv_bias:
         q, k, v = q + w("q_bias"), k + w("k_bias"), v + w("v_bias")
     if cfg.qk_norm:
@@ -281,16 +327,17 @@ def decoder_layer(
         cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_start, axis=1)
         new_cache = (ck, cv)
         k, v = ck.astype(dt), cv.astype(dt)
-    a = attention(q, k, v, mask, cfg.attn_scale, cfg.attn_logit_softcapping, attn_impl, seq_lengths, window)
-    o = jnp.einsum("bthk,hkd->btd", a, w("o_proj"))
+    a = attention(q, k, v, mask, cfg.attn_scale, cfg.attn_logit_softcapping, attn_impl, seq_lengths, window,
+                  causal_blocks=cache_kv is None)
+    o = (a.reshape(B * T, -1) @ w("o_proj").reshape(-1, D)).reshape(B, T, D)
     if cfg.o_bias:
         o = o + w("o_bias")
     if cfg.sandwich_norms:
         o = rms_norm(o, p["post_attn_norm"], eps, off)
     h = h + o
-    x = rms_norm(h, p["mlp_norm"], eps, off)
+    x = rms_norm(h, p["mlp_norm"], eps, off).reshape(B * T, D)
     g = _act(cfg.hidden_act)(x @ w("gate_proj")) * (x @ w("up_proj"))
-    m = g @ w("down_proj")
+    m = (g @ w("down_proj")).reshape(B, T, D)
     if cfg.sandwich_norms:
         m = rms_norm(m, p["post_mlp_norm"], eps, off)
     return h + m, new_cache
@@ -393,12 +440,20 @@ class CausalLM(nnx.Module):
     ``attn_mask=[B,T,T]`` bool (keyword, with explicit ``positions``) runs packed or
     shared-prompt rows: see :meth:`hidden_states` and :func:`segment_attention_mask`.
 
-    ``attn_implementation``: ``None``/``"xla"``: explicit causal+padding mask (any padding,
-    KV cache). ``"cudnn"``: forward passes without a cache use cuDNN flash attention
-    (``is_causal`` + per-row lengths; needs a GPU, bf16/fp16 compute and **right-padded**
-    rows, i.e. the trainer's batches); ``"xla_seqlen"`` is the same formulation on XLA (its
-    CPU reference). Soft-capped attention (Gemma-2) and layers with mixed windows (Gemma-2,
-    some Qwen2) always take the mask path.
+    ``attn_implementation`` (any padding and KV caches work with ``None`` and ``"xla"``):
+
+    * ``None`` (default): explicit masked attention (fp32 scores and softmax, Gemma-2
+      soft-capping included); without a KV cache it runs by query blocks of
+      :data:`ATTN_BLOCK` that skip the key blocks above the diagonal
+      (:func:`blocked_causal_attention`: same result, about half the score FLOPs for long
+      rows); with a cache, over the whole cache;
+    * ``"xla"``: ``jax.nn.dot_product_attention`` with the full ``[B,T,S]`` boolean mask
+      (the whole score matrix; soft-capped models fall back to ``None``'s explicit path);
+    * ``"cudnn"``: forward passes without a cache use cuDNN flash attention (``is_causal`` +
+      per-row lengths; needs a GPU, bf16/fp16 compute and **right-padded** rows, i.e. the
+      trainer's batches); ``"xla_seqlen"`` is the same formulation on XLA (its CPU
+      reference). Soft-capped attention (Gemma-2), layers with mixed windows (Gemma-2, some
+      Qwen2), a KV cache and caller-given ``attn_mask`` take ``None``'s path instead.
     """
 
     def __init__(
