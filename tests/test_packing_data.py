@@ -100,3 +100,52 @@ def test_errors_name_the_culprit():
         first_fit([1], 8, 0)
     assert issubclass(PackingError, ValueError)
     assert packing.pair_tokens(EXS[0], True) == 8 and packing.pair_tokens(EXS[0], False) == 11
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_packed_flop_terms_count_the_block_mask(shared):
+    """The trainer's FLOP count of packed rows (tokens, attended (query, key) pairs per sequence)
+    equals counting the True entries of the causal block mask the model applies."""
+    from poet_jax.models.transformer import segment_attention_mask
+    from poet_jax.train.flops import shared_prompt_attended
+    from poet_jax.train.loop import packed_sequence_sizes
+
+    rng = np.random.default_rng(3)
+    exs = [ex(rng.integers(1, 9, rng.integers(1, 6)), rng.integers(1, 9, rng.integers(1, 7)),
+              rng.integers(1, 9, rng.integers(1, 7))) for _ in range(6)]
+    b = make_packed_batch(exs, np.array([[0, 1, 2], [3, 4, 5]]), pad_id=0, row_length=64, shared_prompt=shared)
+    tokens, attended = packed_sequence_sizes(b.segment_ids, b.branch_ids)
+    mask = np.asarray(segment_attention_mask(b.segment_ids, b.branch_ids)) & np.tril(np.ones((64, 64), bool))
+    real = b.segment_ids > 0
+    assert tokens.sum() == real.sum() == sum(len(e.prompt_ids) * (1 if shared else 2) + len(e.chosen_ids)
+                                             + len(e.rejected_ids) for e in exs)
+    assert attended.sum() == (mask & real[:, :, None] & real[:, None, :]).sum()
+    if shared:  # one sequence per pair, in pair order
+        want = [shared_prompt_attended(len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)) for e in exs]
+        np.testing.assert_array_equal(attended, want)
+
+
+def test_balanced_packing_and_cut_rows():
+    """balance=True keeps every pair exactly once and makes the fullest row no longer than first fit
+    does; to_packed_micro_batches then cuts the rows to a multiple of length_multiple."""
+    from poet_jax.data.packing import pair_tokens, row_fill
+    from poet_jax.train.loop import to_packed_micro_batches
+
+    rng = np.random.default_rng(7)
+    exs = [ex(rng.integers(1, 9, rng.integers(5, 60)), rng.integers(1, 9, rng.integers(5, 90)),
+              rng.integers(1, 9, rng.integers(5, 90))) for _ in range(40)]
+    for start in range(0, 40, 8):
+        idx = list(range(start, start + 8))
+        ff = pack_pairs(exs, idx, num_rows=None, row_length=400, max_pairs_per_row=4)
+        bal = pack_pairs(exs, idx, num_rows=None, row_length=400, max_pairs_per_row=4, balance=True)
+        assert bal.shape == ff.shape
+        assert sorted(bal[bal >= 0].tolist()) == idx
+        assert (bal >= 0).sum(axis=1).max() <= 4
+        assert row_fill(exs, bal) <= row_fill(exs, ff) <= 400
+        out = to_packed_micro_batches(exs, np.asarray(idx), None, 2, 0, shared_prompt=True, max_pairs_per_row=4,
+                                      row_length=400, length_multiple=64)
+        length = out["input_ids"].shape[-1]
+        fill = max(row_fill(exs, p) for p in out["example_index"])
+        assert length % 64 == 0 and fill <= length < fill + 64
+        # every pair's tokens are in the cut rows: real slots == sum of pair sizes
+        assert (out["segment_ids"] > 0).sum() == sum(pair_tokens(exs[i], True) for i in idx)

@@ -19,13 +19,13 @@ BATCH_INDICES = ([0, 1, 2, -1, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13, 14])
 LAYOUT_METRICS = ("tokens", "learning_rate")
 
 
-def _cfg(model_dir, data, out, **data_over):
+def _cfg(model_dir, data, out, reference="frozen", **data_over):
     d = {
         "model": {"path": str(model_dir)},
         "data": {"path": str(data), "max_length": 160, "max_prompt_length": 80, "max_records": 20,
                  "bucket_lengths": [160], "use_poet": True, "eval_fraction": 0.2, **data_over},
         "loss": {"name": "dpo", "beta": 0.1},
-        "reference": {"mode": "frozen"},
+        "reference": {"mode": reference},
         "optim": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0.0, "max_grad_norm": 1.0},
         "train": {"output_dir": str(out), "global_batch": 8, "micro_batch": 4, "max_steps": 2,
                   "progress": False, "tensorboard": False, "export": False},
@@ -57,12 +57,17 @@ def two_row_trace(tiny_llama_dir, data, tmp_path_factory):
     return _trace(run, lambda r, idx: make_batch(r.train_examples, idx, None, r.pad_id, length=160))
 
 
-@pytest.mark.parametrize("layout,row_length", [("shared_prompt", 0), ("packed_shared", 640), ("packed", 640)])
-def test_packed_layout_step_equals_two_row(two_row_trace, tiny_llama_dir, data, tmp_path, layout, row_length):
+@pytest.mark.parametrize("layout,row_length,multiple", [("shared_prompt", 0, 128), ("packed_shared", 640, 128),
+                                                         ("packed", 640, 128), ("packed_shared", 640, 0)])
+def test_packed_layout_step_equals_two_row(two_row_trace, tiny_llama_dir, data, tmp_path, layout, row_length,
+                                           multiple):
     run = setup(_cfg(tiny_llama_dir, data, tmp_path, layout=layout, max_pairs_per_row=4,
-                     packed_row_length=row_length), progress=False)
+                     packed_row_length=row_length, packed_length_multiple=multiple), progress=False)
     assert run.step_cfg.packed
     batch = run.packed_batch(np.asarray(BATCH_INDICES[0]))
+    # rows are cut to a multiple of packed_length_multiple, capped at packed_row_length (all of it with 0)
+    length, full = batch["input_ids"].shape[-1], row_length or 2 * 160
+    assert length == full if multiple == 0 else (length <= full and (length % multiple == 0 or length == full))
     assert batch["input_ids"].shape[0] == 2  # two micro-batches
     assert int(batch["pair_valid"].sum()) == 7  # the filler pair is dropped
     if layout != "shared_prompt":
@@ -86,7 +91,7 @@ def test_packed_layout_step_equals_two_row(two_row_trace, tiny_llama_dir, data, 
     for a, b in zip(ref["params"], got["params"]):
         du_ref, du_got = a - ref["p0"], b - ref["p0"]
         assert np.linalg.norm(du_got - du_ref) < 2e-3 * np.linalg.norm(du_ref)
-    if layout != "packed_shared":
+    if layout != "packed_shared" or multiple == 0:
         return
     # the loop path (once): sampler batch -> packed step -> flops; evaluation keeps the two-row path
     batch, ref_logps = run.next_global_batch()
@@ -97,10 +102,38 @@ def test_packed_layout_step_equals_two_row(two_row_trace, tiny_llama_dir, data, 
     assert np.isfinite(ev["loss"]) and ev["pairs"] == 4
 
 
+def test_packed_layout_with_precomputed_reference_equals_two_row_frozen(two_row_trace, tiny_llama_dir, data,
+                                                                        tmp_path):
+    """Precomputed reference log-probs (one two-row pass before training) travel with packed rows as
+    ``ref_logps`` per pair slot; the steps equal the two-row run with a frozen reference."""
+    run = setup(_cfg(tiny_llama_dir, data, tmp_path, reference="precomputed", layout="packed_shared",
+                     max_pairs_per_row=4, packed_row_length=640), progress=False)
+    assert run.ref_train is not None and run.ref_train.shape == (len(run.train_examples), 2)
+    batch = run.packed_batch(np.asarray(BATCH_INDICES[0]))
+    ex = batch["example_index"].reshape(2, -1)
+    n = ex.shape[1]
+    for a in range(2):
+        for j, e in enumerate(ex[a]):
+            want = run.ref_train[e] if e >= 0 else np.zeros(2, np.float32)
+            assert (batch["ref_logps"][a, j], batch["ref_logps"][a, n + j]) == (want[0], want[1])
+    got = _trace(run, lambda r, idx: r.packed_batch(np.asarray(idx)))
+    for step, (m_ref, m_got) in enumerate(zip(two_row_trace["metrics"], got["metrics"])):
+        assert m_got["loss"] == pytest.approx(m_ref["loss"], abs=1e-5)
+        # step 0: policy == reference, so every margin is 0 up to fp32 summation order (two-row
+        # precompute vs packed policy) and "margin > 0" accuracies are coin flips there
+        keys = ("rewards/margins", "logps/chosen", "logps/rejected") + (("rewards/accuracies",) if step else ())
+        for k in keys:
+            assert m_got[k] == pytest.approx(m_ref[k], rel=1e-4, abs=1e-5), (step, k)
+    for a, b in zip(two_row_trace["params"], got["params"]):
+        du_ref, du_got = a - two_row_trace["p0"], b - two_row_trace["p0"]
+        assert np.linalg.norm(du_got - du_ref) < 2e-3 * np.linalg.norm(du_ref)
+    # a packed batch without its reference log-probs is refused, not silently trained on
+    bad = {k: v for k, v in run.packed_batch(np.asarray(BATCH_INDICES[1])).items() if k != "ref_logps"}
+    with pytest.raises(ValueError, match="lack ref_logps"):
+        run.step(bad)
+
+
 def test_packed_layout_config_errors(tiny_llama_dir, data, tmp_path):
-    with pytest.raises(ConfigError, match="data.layout='packed'.*precomputed"):
-        config_from_dict({"model": {"path": str(tiny_llama_dir)}, "data": {"path": str(data), "layout": "packed"},
-                          "reference": {"mode": "precomputed"}, "train": {"output_dir": str(tmp_path)}})
     with pytest.raises(ConfigError, match="data.max_pairs_per_row"):
         _cfg(tiny_llama_dir, data, tmp_path, layout="packed", max_pairs_per_row=0)
     with pytest.raises(ConfigError, match="data.layout"):

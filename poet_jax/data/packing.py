@@ -51,6 +51,7 @@ __all__ = [
     "pair_tokens",
     "first_fit",
     "pack_pairs",
+    "row_fill",
     "pack_epoch",
     "make_packed_batch",
     "packed_batch_from_indices",
@@ -201,21 +202,26 @@ def pack_pairs(
     max_pairs_per_row: int,
     shared_prompt: bool = True,
     row_multiple: int = 1,
+    balance: bool = False,
 ) -> np.ndarray:
     """Pack the given pairs (e.g. one sampler batch) into exactly ``num_rows`` rows.
 
     First-fit decreasing (longest pairs first). Returns ``[num_rows, max_pairs_per_row]``
     int64 example indices, ``-1`` for empty slots. ``num_rows=None``: as many rows as
     first fit needs, rounded up to a multiple of ``row_multiple`` (e.g. the data-parallel
-    device count, or 4 to bound the number of compiled shapes). Raises
-    :class:`PackingError` if the pairs do not fit. Negative entries of ``indices``
-    (filler pairs) are skipped.
+    device count, or 4 to bound the number of compiled shapes). ``balance``: spread the
+    pairs over those rows so the fullest row is as short as the longest-first greedy rule
+    makes it (each pair to the emptiest row), which lets the caller cut every row to that
+    length (:func:`row_fill`). Raises :class:`PackingError` if the pairs do not fit.
+    Negative entries of ``indices`` (filler pairs) are skipped.
     """
     idx = np.asarray([int(i) for i in indices if int(i) >= 0], np.int64)
     lengths = np.asarray([pair_tokens(examples[i], shared_prompt) for i in idx], np.int64)
     _check_sizes(lengths, row_length, max_pairs_per_row, idx)
     order = np.argsort(-lengths, kind="stable")
     rows = first_fit(lengths[order], row_length, max_pairs_per_row)
+    if balance and len(rows) > 1:
+        rows = _balance(lengths[order], rows, max_pairs_per_row)
     if num_rows is None:
         if row_multiple < 1:
             raise PackingError(f"row_multiple must be positive, got {row_multiple}")
@@ -229,6 +235,27 @@ def pack_pairs(
     for r, row in enumerate(rows):
         plan[r, : len(row)] = idx[order[row]]
     return plan
+
+
+def _balance(lengths: np.ndarray, rows: list[list[int]], max_pairs_per_row: int) -> list[list[int]]:
+    """Longest-first items (``lengths`` in decreasing order) over ``len(rows)`` rows, each to the
+    emptiest row with a free pair slot; keeps ``rows`` (first fit) when that is not shorter."""
+    n = len(rows)
+    fill = np.zeros(n, np.int64)
+    out: list[list[int]] = [[] for _ in range(n)]
+    for i, size in enumerate(lengths.tolist()):
+        free = [j for j in range(n) if len(out[j]) < max_pairs_per_row]
+        j = min(free, key=lambda r: (fill[r], r))
+        out[j].append(i)
+        fill[j] += size
+    first_fit_max = max(int(lengths[r].sum()) for r in rows)
+    return out if int(fill.max()) < first_fit_max else rows
+
+
+def row_fill(examples: Sequence[Example], plan: np.ndarray, shared_prompt: bool = True) -> int:
+    """Slots used by the fullest row of a plan (``[R, M]`` example indices, ``-1`` empty)."""
+    fills = [sum(pair_tokens(examples[int(i)], shared_prompt) for i in row if i >= 0) for row in np.asarray(plan)]
+    return max(fills, default=0)
 
 
 def pack_epoch(

@@ -121,6 +121,9 @@ class DataSection:
         choices=("two_row", "shared_prompt", "packed", "packed_shared"),
     )
     packed_row_length: int = _f(0, "slots per row of the non-two_row layouts; 0 = 2 * data.max_length")
+    packed_length_multiple: int = _f(
+        128, "non-two_row layouts: balance each batch's pairs over its rows and cut the rows to the smallest "
+        "multiple of this that holds them (at most data.packed_row_length); 0 = always full-length rows")
     max_pairs_per_row: int = _f(4, "pairs per row at most (packed / packed_shared layouts)")
 
 
@@ -453,6 +456,8 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         raise ConfigError(f"data.max_records must be >= 0, got {d.max_records}")
     if any(b < 1 for b in d.bucket_lengths):
         raise ConfigError(f"data.bucket_lengths must be positive, got {d.bucket_lengths}")
+    if d.packed_length_multiple < 0:
+        raise ConfigError(f"data.packed_length_multiple must be >= 0, got {d.packed_length_multiple}")
     if d.packed_row_length < 0:
         raise ConfigError(f"data.packed_row_length must be >= 0, got {d.packed_row_length}")
     if d.max_pairs_per_row < 1:
@@ -477,9 +482,6 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         raise ConfigError(
             f"reference.mode: loss {lo.name!r} is reference-free; set reference.mode to none or auto"
         )
-    if d.layout != "two_row" and mode == "precomputed":
-        raise ConfigError(f"data.layout={d.layout!r} is not supported with reference.mode=precomputed "
-                          "(use frozen, or data.layout=two_row)")
     if r.batch_pairs < 0:
         raise ConfigError(f"reference.batch_pairs must be >= 0, got {r.batch_pairs}")
     if not o.lr > 0:

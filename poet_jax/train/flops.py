@@ -71,20 +71,34 @@ def matmul_flops_per_token(cfg) -> float:
     return 2.0 * (m["layers"] * per_layer + d * m["vocab"])
 
 
-def forward_flops(cfg, lengths) -> float:
-    """Forward FLOPs of sequences with the given real lengths (array of token counts)."""
+def forward_flops(cfg, lengths, attended=None) -> float:
+    """Forward FLOPs of sequences with the given real lengths (array of token counts).
+
+    ``attended``: the (query, key) pairs each sequence's attention really scores; default the
+    causal ``n(n+1)/2``. A shared-prompt sequence ``[prompt | chosen | rejected]`` scores
+    fewer (its responses do not see each other): see :func:`shared_prompt_attended`.
+    """
     m = model_dims(cfg)
     n = np.asarray(lengths, dtype=np.float64)
-    attn = m["layers"] * 4.0 * m["h"] * m["hd"] * (n * (n + 1) / 2.0)
+    pairs = n * (n + 1) / 2.0 if attended is None else np.asarray(attended, dtype=np.float64)
+    attn = m["layers"] * 4.0 * m["h"] * m["hd"] * pairs
     return float(np.sum(n * matmul_flops_per_token(cfg) + attn))
 
 
-def preference_step_flops(cfg, lengths, with_reference: bool) -> float:
+def shared_prompt_attended(prompt, chosen, rejected):
+    """(query, key) pairs of ``[prompt | chosen | rejected]`` sequences (token counts, arrays):
+    causal within the prompt, each response sees the prompt and its own earlier tokens."""
+    p, c, r = (np.asarray(x, dtype=np.float64) for x in (prompt, chosen, rejected))
+    return p * (p + 1) / 2 + c * p + c * (c + 1) / 2 + r * p + r * (r + 1) / 2
+
+
+def preference_step_flops(cfg, lengths, with_reference: bool, attended=None) -> float:
     """FLOPs of one training step on rows of the given real lengths (both responses of every pair).
 
-    Policy forward + backward (3x forward) plus the reference forward when ``with_reference``.
+    Policy forward + backward (3x forward) plus the reference forward when ``with_reference``;
+    ``attended`` as in :func:`forward_flops`.
     """
-    fwd = forward_flops(cfg, lengths)
+    fwd = forward_flops(cfg, lengths, attended)
     return fwd * (3.0 + (1.0 if with_reference else 0.0))
 
 

@@ -179,7 +179,8 @@ def packed_batch_shardings(mesh, with_ref: bool = False) -> dict[str, NamedShard
 
 
 def layout_options(cfg: Config) -> dict:
-    """``{"shared_prompt", "max_pairs_per_row", "row_length"}`` of a non-two_row ``data.layout``."""
+    """``{"shared_prompt", "max_pairs_per_row", "row_length", "length_multiple"}`` of a non-two_row
+    ``data.layout`` (the keyword arguments of :func:`to_packed_micro_batches`)."""
     d = cfg.data
     if d.layout not in ("shared_prompt", "packed", "packed_shared"):
         raise ConfigError(f"data.layout={d.layout!r} has no packing options")
@@ -187,22 +188,26 @@ def layout_options(cfg: Config) -> dict:
         "shared_prompt": d.layout in ("shared_prompt", "packed_shared"),
         "max_pairs_per_row": 1 if d.layout == "shared_prompt" else d.max_pairs_per_row,
         "row_length": d.packed_row_length or 2 * d.max_length,
+        "length_multiple": d.packed_length_multiple,
     }
 
 
 def to_packed_micro_batches(examples: Sequence, indices: np.ndarray, valid: np.ndarray | None, n_micro: int,
                             pad_id: int, *, shared_prompt: bool, max_pairs_per_row: int, row_length: int,
-                            row_multiple: int = 1) -> dict[str, np.ndarray]:
+                            row_multiple: int = 1, length_multiple: int = 0) -> dict[str, np.ndarray]:
     """A global batch of pairs -> ``A = n_micro`` packed micro-batches (``PackedBatch.as_dict()`` stacked).
 
     ``indices`` ``[B]`` example indices, ``valid`` ``[B]`` (0: filler pair, dropped; None = all real).
     Micro-batch ``a`` packs pairs ``a*b .. (a+1)*b - 1`` (``b = B / A``, the same pairs as
     :func:`to_micro_batches`) first-fit into rows of ``row_length`` slots; every micro-batch is
-    padded with empty rows to the same row count (a multiple of ``row_multiple``). Returns int32
-    ``[A, R, L]`` row arrays and ``pair_valid`` ``[A, R, M]``, plus ``example_index`` ``[A, R, M]``
-    (host only; -1 for empty slots).
+    padded with empty rows to the same row count (a multiple of ``row_multiple``).
+    ``length_multiple > 0``: the pairs are balanced over those rows and every row is cut to the
+    smallest multiple of ``length_multiple`` (at most ``row_length``) that holds the fullest one,
+    so the compiled shapes stay in the fixed set ``{multiples of length_multiple} x {row counts}``.
+    Returns int32 ``[A, R, L]`` row arrays and ``pair_valid`` ``[A, R, M]``, plus
+    ``example_index`` ``[A, R, M]`` (host only; -1 for empty slots).
     """
-    from poet_jax.data.packing import make_packed_batch, pack_pairs
+    from poet_jax.data.packing import make_packed_batch, pack_pairs, row_fill
 
     idx = np.asarray(indices, np.int64).copy()
     if valid is not None:
@@ -211,15 +216,45 @@ def to_packed_micro_batches(examples: Sequence, indices: np.ndarray, valid: np.n
         raise ValueError(f"batch of {idx.size} pairs cannot be split into {n_micro} micro-batches")
     b = idx.size // n_micro
     plans = [pack_pairs(examples, idx[a * b:(a + 1) * b], num_rows=None, row_length=row_length,
-                        max_pairs_per_row=max_pairs_per_row, shared_prompt=shared_prompt, row_multiple=row_multiple)
+                        max_pairs_per_row=max_pairs_per_row, shared_prompt=shared_prompt, row_multiple=row_multiple,
+                        balance=length_multiple > 0)
              for a in range(n_micro)]
     rows = max(p.shape[0] for p in plans)
     plans = [np.concatenate([p, np.full((rows - p.shape[0], p.shape[1]), -1, np.int64)]) for p in plans]
+    if length_multiple > 0:
+        fill = max(row_fill(examples, p, shared_prompt) for p in plans)
+        row_length = min(row_length, max(-(-fill // length_multiple) * length_multiple, length_multiple))
     packed = [make_packed_batch(examples, p, pad_id, row_length=row_length, shared_prompt=shared_prompt)
               for p in plans]
     out = {k: np.stack([getattr(pb, k) for pb in packed]) for k in PACKED_KEYS}
     out["example_index"] = np.stack(plans)
     return out
+
+
+def packed_sequence_sizes(segment_ids: np.ndarray, branch_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens, attended)`` per sequence of packed rows (int ``[..., L]`` segment / branch ids):
+    real tokens and the (query, key) pairs its block mask lets attention score (float64)."""
+    seg = np.asarray(segment_ids).reshape(-1, np.shape(segment_ids)[-1])
+    br = np.asarray(branch_ids).reshape(seg.shape)
+    sizes = []
+    for s, b in zip(seg, br):
+        k = int(s.max()) + 1
+        sizes.append(np.stack([np.bincount(s[b == i], minlength=k)[1:] for i in (0, 1, 2)], axis=1))
+    pcr = np.concatenate(sizes) if sizes else np.zeros((0, 3), np.int64)
+    pcr = pcr[pcr.sum(axis=1) > 0]
+    return pcr.sum(axis=1), flops_mod.shared_prompt_attended(pcr[:, 0], pcr[:, 1], pcr[:, 2])
+
+
+def packed_reference_slots(ref: np.ndarray, example_index: np.ndarray) -> np.ndarray:
+    """Precomputed reference log-probs laid out like packed per-pair outputs.
+
+    ``ref`` float32 ``[num_examples, 2]`` (chosen, rejected), ``example_index`` int ``[A, R, M]``
+    (``-1`` = empty pair slot) -> float32 ``[A, 2N]`` (``N = R * M`` pair slots, chosen then
+    rejected; 0 for empty slots), the ``ref_logps`` that ``step.packed_micro_batch_sums`` reads.
+    """
+    idx = np.asarray(example_index).reshape(example_index.shape[0], -1)
+    vals = np.where((idx >= 0)[..., None], np.asarray(ref, np.float32)[np.maximum(idx, 0)], 0.0)
+    return np.concatenate([vals[..., 0], vals[..., 1]], axis=1).astype(np.float32)
 
 
 def group_rows(x: np.ndarray, groups: int) -> np.ndarray:
@@ -363,8 +398,11 @@ class Run:
         """Packed micro-batches (:func:`to_packed_micro_batches`) of the given global batch of pairs
         for the configured non-two_row ``data.layout``; pass the result to :meth:`step`."""
         ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        return to_packed_micro_batches(self.train_examples, indices, valid, self.n_micro, self.pad_id,
-                                       row_multiple=ways, **layout_options(self.cfg))
+        out = to_packed_micro_batches(self.train_examples, indices, valid, self.n_micro, self.pad_id,
+                                      row_multiple=ways, **layout_options(self.cfg))
+        if self.ref_train is not None:
+            out["ref_logps"] = packed_reference_slots(self.ref_train, out["example_index"])
+        return out
 
     def next_global_batch(self) -> tuple[PreferenceBatch | dict, np.ndarray | None]:
         """The next sampler batch: a ``PreferenceBatch`` (two_row) or packed micro-batches (a dict)."""
@@ -395,8 +433,13 @@ class Run:
         if isinstance(batch, dict):
             if not self.step_cfg.packed:
                 raise ValueError("Run.step got packed micro-batches but data.layout is two_row")
-            shardings = packed_batch_shardings(self.mesh, False)
-            dev = {k: jax.device_put(batch[k], shardings[k]) for k in PACKED_KEYS}
+            with_ref = self.ref_mode == "precomputed"
+            if with_ref != ("ref_logps" in batch):
+                raise ValueError("Run.step: packed micro-batches "
+                                 + ("lack ref_logps (reference.mode=precomputed)" if with_ref
+                                    else f"carry ref_logps but reference.mode={self.ref_mode}"))
+            shardings = packed_batch_shardings(self.mesh, with_ref)
+            dev = {k: jax.device_put(batch[k], shardings[k]) for k in shardings}
             self.state, metrics = self.train_fn()(self.state, dev)
             return metrics
         if self.step_cfg.packed:
@@ -434,12 +477,10 @@ class Run:
         return {k: float(v) for k, v in out.items()}
 
     def flops(self, batch: PreferenceBatch | dict) -> float:
-        if isinstance(batch, dict):  # packed: every sequence's real length (segments of a row)
-            seg = batch["segment_ids"].reshape(-1, batch["segment_ids"].shape[-1])
-            lengths = np.concatenate([np.bincount(r[r > 0])[1:] for r in seg] or [np.zeros(0, np.int64)])
-            lengths = lengths[lengths > 0]
+        if isinstance(batch, dict):  # packed: every sequence (segment of a row) and its branches
+            lengths, attended = packed_sequence_sizes(batch["segment_ids"], batch["branch_ids"])
             return flops_mod.preference_step_flops(self.model_config, lengths,
-                                                   with_reference=self.ref_mode == "frozen")
+                                                   with_reference=self.ref_mode == "frozen", attended=attended)
         lengths = batch.attention_mask.sum(axis=1)[np.concatenate([batch.pair_valid, batch.pair_valid]) > 0]
         return flops_mod.preference_step_flops(self.model_config, lengths, with_reference=self.ref_mode == "frozen")
 

@@ -46,12 +46,22 @@ def packed_hidden_states(model, batch: dict) -> jax.Array:
 
 
 def _scores(logits: jax.Array, ct: jax.Array, rt: jax.Array):
-    """Chosen / rejected token log-probs and the vocabulary-mean logit of a ``[R, c, V]`` block."""
-    return (
-        losses.token_logps(logits, ct),
-        losses.token_logps(logits, rt),
-        jnp.mean(logits.astype(F32), axis=-1),
-    )
+    """Chosen / rejected token log-probs and the vocabulary-mean logit of a ``[R, c, V]`` block.
+
+    ``losses.token_logps`` for both target arrays with one fp32 log-normaliser per slot (the
+    slot before a shared-prompt pair's responses predicts both first tokens; every other slot
+    has at most one scored target): a single softmax pass over the vocabulary, not two.
+    """
+    vocab = logits.shape[-1]
+    lse = jax.nn.logsumexp(logits.astype(F32), axis=-1)
+
+    def pick(targets):
+        valid = (targets >= 0) & (targets < vocab)
+        safe = jnp.where(valid, targets, 0)
+        tl = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0].astype(F32)
+        return jnp.where(valid, tl - lse, 0.0)
+
+    return pick(ct), pick(rt), jnp.mean(logits.astype(F32), axis=-1)
 
 
 def packed_token_logps(model, batch: dict, chunk: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
