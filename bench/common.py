@@ -199,11 +199,14 @@ def fmt_table(header: list[str], rows: list[list], aligns: str | None = None) ->
 
 def poet_config(model_dir, data, *, batch: int, max_length: int, mode: str, lr: float, out_dir,
                 steps: int, bucket_multiple: int = 64, logps_chunk: int = 0, scan_layers: bool = True,
-                dtype: str = "float32", loss: str = "dpo", remat: str = "none"):
+                dtype: str = "float32", loss: str = "dpo", remat: str = "none", layout: str = "two_row",
+                row_length: int = 0, max_pairs_per_row: int = 4):
     """The poet_jax trainer Config the benchmarks use (mode a/b/c as in compare_trl.py).
 
     Constant lr, AdamW without weight decay, clipping 1.0, DPO beta 0.1, pairs in file order,
-    rows padded to a multiple of ``bucket_multiple`` (capped at ``max_length``).
+    rows padded to a multiple of ``bucket_multiple`` (capped at ``max_length``); ``layout`` /
+    ``row_length`` / ``max_pairs_per_row``: ``data.layout`` / ``data.packed_row_length`` /
+    ``data.max_pairs_per_row``.
     """
     from poet_jax.train.config import config_from_dict
 
@@ -212,7 +215,8 @@ def poet_config(model_dir, data, *, batch: int, max_length: int, mode: str, lr: 
     return config_from_dict({
         "model": {"path": str(model_dir), "scan_layers": scan_layers, "remat": remat},
         "data": {"path": str(data), "max_length": max_length, "max_prompt_length": 0,
-                 "use_poet": mode == "b", "shuffle": False, "bucket_lengths": buckets},
+                 "use_poet": mode == "b", "shuffle": False, "bucket_lengths": buckets, "layout": layout,
+                 "packed_row_length": row_length, "max_pairs_per_row": max_pairs_per_row},
         "loss": {"name": loss, "beta": 0.1},
         "reference": {"mode": ref},
         "optim": {"lr": lr, "schedule": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": 1.0},
@@ -235,3 +239,15 @@ def device_batch(run, indices, pad_to: int | None = None):
     arrays = loop.to_micro_batches(b, 1, ref, groups) if groups != 1 else loop.to_micro_batches(b, 1, ref)
     shardings = loop.batch_shardings(run.mesh, ref is not None, micro=True)
     return b, {k: jax.device_put(v, shardings[k]) for k, v in arrays.items()}
+
+
+def device_packed_batch(run, indices):
+    """``(packed micro-batches, {key: device array})`` of the given examples (``data.layout`` != two_row)
+    for ``run.train_fn()``; the dict is :meth:`Run.packed_batch`'s (rows ``[1, R, L]``)."""
+    import jax
+
+    from poet_jax.train import loop
+
+    pb = run.packed_batch(list(indices))
+    shardings = loop.packed_batch_shardings(run.mesh, "ref_logps" in pb)
+    return pb, {k: jax.device_put(pb[k], shardings[k]) for k in shardings}

@@ -13,7 +13,13 @@ tokens, so neither side truncates), ``--batch`` pairs per step, AdamW with the s
 TRL without gradient checkpointing (its default is on; ``--trl-gradient-checkpointing``),
 poet_jax with ``--remat dots_no_batch`` (keeps the weight-matmul outputs, recomputes
 attention and elementwise work in the backward pass) and log-probs in chunks of
-``--logps-chunk`` positions. TRL tokenizes the records itself; its token ids are checked equal to poet_jax's.
+``--logps-chunk`` positions. Batch layout: TRL pads ``[prompt+chosen]`` and
+``[prompt+rejected]`` rows to the longest row of the batch; poet_jax runs its default
+benchmark layout ``--layout packed_shared`` (each pair as one ``[prompt|chosen|rejected]``
+sequence, the prompt computed once, several pairs packed into rows of ``--row-length``
+slots with a block attention mask; same per-pair log-probs, tested in
+tests/test_train_packed.py); ``--layout two_row`` gives TRL's layout. TRL tokenizes the
+records itself; its token ids are checked equal to poet_jax's.
 
 Modes:
   a  DPO, frozen reference                (TRL: DPOTrainer with ref_model)
@@ -86,7 +92,8 @@ def worker_poet(args, proto: Proto) -> None:
     t0 = time.perf_counter()
     cfg = common.poet_config(args.model_dir, args.data, batch=args.batch, max_length=args.max_length, mode=args.mode,
                              lr=args.lr, out_dir=args.out_dir, steps=args.steps, bucket_multiple=args.bucket_multiple,
-                             logps_chunk=args.logps_chunk, remat=args.remat)
+                             logps_chunk=args.logps_chunk, remat=args.remat, layout=args.layout,
+                             row_length=args.row_length, max_pairs_per_row=args.max_pairs_per_row)
     timing = {"precompute_s": 0.0}
     orig = loop.precompute_reference
 
@@ -104,16 +111,25 @@ def worker_poet(args, proto: Proto) -> None:
         raise RuntimeError("poet_jax reordered or dropped pairs of the benchmark file")
     setup_s = time.perf_counter() - t0
 
+    packed = args.layout != "two_row"
+
     def device_batch(step):
-        return common.device_batch(run, _batch_indices(step, args.batch))
+        """``(shape key, device arrays, computed slots, real tokens, FLOPs)`` of a step's batch."""
+        idx = _batch_indices(step, args.batch)
+        if packed:
+            pb, dev = common.device_packed_batch(run, idx)
+            ids = pb["input_ids"]
+            return tuple(ids.shape[1:]), dev, int(ids.size), int((pb["segment_ids"] > 0).sum()), run.flops(pb)
+        b, dev = common.device_batch(run, idx)
+        return b.length, dev, int(np.prod(b.input_ids.shape)), int(b.attention_mask.sum()), run.flops(b)
 
     # compile every batch shape of the run ahead of time (excluded from the step times)
     t1 = time.perf_counter()
     compiled = {}
     for s in range(args.steps):
-        b, dev = device_batch(s)
-        if b.length not in compiled:
-            compiled[b.length] = run.train_fn().lower(run.state, dev).compile()
+        key, dev = device_batch(s)[:2]
+        if key not in compiled:
+            compiled[key] = run.train_fn().lower(run.state, dev).compile()
     compile_s = time.perf_counter() - t1
     ids = [[e.prompt_ids.tolist(), e.chosen_ids.tolist(), e.rejected_ids.tolist()] for e in examples]
     proto.send(event="ready", setup_s=setup_s, compile_s=compile_s, precompute_s=timing["precompute_s"],
@@ -125,15 +141,13 @@ def worker_poet(args, proto: Proto) -> None:
             break
         step = int(cmd[1])
         ts = time.perf_counter()
-        b, dev = device_batch(step)
-        run.state, metrics = compiled[b.length](run.state, dev)
+        key, dev, computed, real, flops = device_batch(step)
+        run.state, metrics = compiled[key](run.state, dev)
         loss = float(jax.device_get(metrics["loss"]))
         jax.block_until_ready(run.state.params)
         secs = time.perf_counter() - ts
-        computed = int(np.prod(b.input_ids.shape))
-        real = int(b.attention_mask.sum())
-        proto.send(event="step", step=step, seconds=secs, loss=loss, length=b.length, computed_tokens=computed,
-                   model_tokens=real, flops=run.flops(b), peak_rss_mib=common.peak_rss_mib())
+        proto.send(event="step", step=step, seconds=secs, loss=loss, length=key, computed_tokens=computed,
+                   model_tokens=real, flops=flops, peak_rss_mib=common.peak_rss_mib())
     proto.send(event="done", peak_rss_mib=common.peak_rss_mib())
 
 
@@ -203,7 +217,8 @@ class Worker:
             "--max-length", str(args.max_length), "--lr", str(args.lr), "--threads", str(args.threads),
             "--steps", str(args.warmup + args.steps), "--out-dir", str(out_dir),
             "--bucket-multiple", str(args.bucket_multiple), "--logps-chunk", str(args.logps_chunk),
-            "--remat", args.remat,
+            "--remat", args.remat, "--layout", args.layout, "--row-length", str(args.row_length),
+            "--max-pairs-per-row", str(args.max_pairs_per_row),
         ]
         if args.trl_gradient_checkpointing:
             cmd.append("--trl-gradient-checkpointing")
@@ -373,7 +388,9 @@ def parent(args) -> int:
     print(f"# compare_trl: {'quick ' if args.quick else ''}model {args.model_dir}, {args.pairs} pairs, batch "
           f"{args.batch}, max_length {args.max_length}, {args.threads} threads, warm-up {args.warmup} + "
           f"{args.steps} measured steps, lr {args.lr}, TRL gradient checkpointing {args.trl_gradient_checkpointing}, "
-          f"poet_jax remat {args.remat}, logps_chunk {args.logps_chunk}, buckets multiple of {args.bucket_multiple}")
+          f"poet_jax remat {args.remat}, logps_chunk {args.logps_chunk}, layout {args.layout}"
+          + (f" (rows of {args.row_length or 2 * args.max_length} slots, <= {args.max_pairs_per_row} pairs/row)"
+             if args.layout != "two_row" else f", buckets multiple of {args.bucket_multiple}"))
     print(f"# {info['date']}, {info['cpu']} ({info['cores']} cores), load average {info['load_avg']} at start",
           flush=True)
     results = {}
@@ -420,7 +437,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4, help="pairs per step")
     p.add_argument("--max-length", type=int, default=None, help="max tokens per row (default 512; quick 256)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps (excluded)")
-    p.add_argument("--steps", type=int, default=None, help="measured steps (default 3; quick 1)")
+    p.add_argument("--steps", type=int, default=None, help="measured steps (default 5; quick 1)")
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="CPU threads per side")
     p.add_argument("--bucket-multiple", type=int, default=64, help="poet_jax pads rows to a multiple of this")
@@ -429,6 +446,12 @@ def main(argv=None) -> int:
     p.add_argument("--remat", default="dots_no_batch", choices=("none", "full", "dots", "dots_no_batch"),
                    help="poet_jax model.remat (dots_no_batch: keep weight-matmul outputs, recompute attention "
                         "and elementwise work; SmolLM2 at 4x512: 3.4 GiB of XLA temporaries instead of 13.4 with none)")
+    p.add_argument("--layout", default="packed_shared", choices=("two_row", "shared_prompt", "packed", "packed_shared"),
+                   help="poet_jax data.layout (packed_shared: several [prompt|chosen|rejected] pairs per row, no "
+                        "padding between them; two_row: TRL's layout, [prompt+chosen], [prompt+rejected])")
+    p.add_argument("--row-length", type=int, default=0,
+                   help="poet_jax data.packed_row_length (slots per packed row; 0 = 2 * max_length)")
+    p.add_argument("--max-pairs-per-row", type=int, default=4, help="poet_jax data.max_pairs_per_row")
     p.add_argument("--trl-gradient-checkpointing", action="store_true", help="TRL's default; off = like poet_jax")
     p.add_argument("--overlap-setup", action="store_true",
                    help="start the next mode's workers while this mode measures (default in --quick only: "
@@ -451,7 +474,7 @@ def main(argv=None) -> int:
     q = args.quick
     args.pairs = args.pairs or (8 if q else 64)
     args.max_length = args.max_length or (256 if q else 512)
-    args.steps = args.steps or (1 if q else 3)
+    args.steps = args.steps or (1 if q else 5)
     args.overlap_setup = args.overlap_setup or q
     return parent(args)
 

@@ -4,13 +4,15 @@
    matmuls of several sizes, each repeated until ``--min-time`` seconds; the best
    sustained FLOP/s over sizes is the roof.
 2. The FLOPs of a preference step: ``poet_jax.train.flops`` (policy forward + backward =
-   3 forwards, plus the frozen reference's forward; real tokens only; causal attention)
-   — the *useful* count — and XLA's own ``cost_analysis()`` of the compiled step — the
-   *executed* count, which includes padding, the full (non-causal) attention score
-   matrices and elementwise work. :func:`executed_step_flops` predicts the latter from
-   the same formulas (padded length, full attention), which is how the FLOP counter is
-   checked against XLA (tests/test_bench_perf.py). XLA counts a ``while`` body once, so
-   the executed count is taken with unrolled layers (``scan_layers=False``).
+   3 forwards, plus the frozen reference's forward; real tokens only; each sequence's
+   attention over the keys its mask allows: causal, or prompt + own response in the
+   shared-prompt layout) — the *useful* count — and XLA's own ``cost_analysis()`` of the
+   compiled step — the *executed* count, which includes padding slots, the masked scores
+   of the blocked causal attention and elementwise work. :func:`executed_step_flops`
+   predicts the latter from the same formulas, which is how the FLOP counter is checked
+   against XLA (tests/test_bench_perf.py). XLA counts a ``while`` body once, so the
+   executed count is taken with unrolled layers (``scan_layers=False``).
+   ``--layout`` (default ``packed_shared``, as in compare_trl.py) picks the batch layout.
 3. The achieved FLOP/s of the step (useful count / measured step time) as a fraction of
    the matmul roof.
 
@@ -69,21 +71,33 @@ def xla_flops(compiled) -> float:
     return float(ca["flops"])
 
 
+def executed_attention_pairs(length: int, block: int | None = None) -> float:
+    """(query, key) scores the model's attention computes for one row of ``length`` slots.
+
+    The default attention (``poet_jax.models.transformer.blocked_causal_attention``) runs query
+    blocks of ``block`` slots against the keys up to the block's end (masking the rest), so
+    it computes ``sum_i len_i * end_i`` scores, about ``(n+1)/(2n)`` of the full square.
+    """
+    from poet_jax.models.transformer import ATTN_BLOCK
+
+    block = block or ATTN_BLOCK
+    if length <= block:
+        return float(length * length)
+    return float(sum((min(s + block, length) - s) * min(s + block, length) for s in range(0, length, block)))
+
+
 def executed_step_flops(model_config, rows: int, length: int, with_reference: bool) -> float:
     """FLOPs the hardware executes for a step on ``rows`` rows padded to ``length``.
 
-    ``poet_jax.train.flops.preference_step_flops`` on ``rows`` rows of ``length`` tokens,
-    with its causal attention term (``n(n+1)/2`` scores per head) replaced by the full
-    ``n^2`` score matrices that XLA's attention computes before masking.
+    ``poet_jax.train.flops.preference_step_flops`` on ``rows`` rows of ``length`` slots (every
+    slot, padding included), with its causal attention term (``n(n+1)/2`` scores per head)
+    replaced by the scores the blocked attention really computes
+    (:func:`executed_attention_pairs`, masked ones included).
     """
     from poet_jax.train import flops as F
 
-    m = F.model_dims(model_config)
-    counted = F.preference_step_flops(model_config, [length] * rows, with_reference)
-    passes = 3.0 + (1.0 if with_reference else 0.0)
-    causal = length * (length + 1) / 2.0
-    extra = passes * rows * m["layers"] * 4.0 * m["h"] * m["hd"] * (length * length - causal)
-    return counted + extra
+    return F.preference_step_flops(model_config, [length] * rows, with_reference,
+                                   attended=[executed_attention_pairs(length)] * rows)
 
 
 def main(argv=None) -> int:
@@ -101,6 +115,9 @@ def main(argv=None) -> int:
                    help="poet_jax model.remat (as in compare_trl.py); recomputation counts in XLA's number, not in "
                         "the useful one")
     p.add_argument("--logps-chunk", type=int, default=128, help="poet_jax train.logps_chunk (as in compare_trl.py)")
+    p.add_argument("--layout", default="packed_shared", choices=("two_row", "shared_prompt", "packed", "packed_shared"),
+                   help="poet_jax data.layout (as in compare_trl.py; --full-rows / --pad-to-max need two_row)")
+    p.add_argument("--row-length", type=int, default=0, help="data.packed_row_length (0 = 2 * max_length)")
     p.add_argument("--pad-to-max", action="store_true", help="pad every batch to --max-length (one compiled shape;"
                    " default in --quick)")
     p.add_argument("--no-unrolled", action="store_true", help="skip the unrolled compile used for XLA's FLOP count")
@@ -111,7 +128,9 @@ def main(argv=None) -> int:
     args.max_length = args.max_length or (256 if q else 512)
     args.steps = args.steps or (2 if q else 3)
     args.batch = args.batch or (2 if q else 4)
-    args.pad_to_max = args.pad_to_max or q
+    args.pad_to_max = args.pad_to_max or (q and args.layout == "two_row")
+    if args.layout != "two_row" and (args.full_rows or args.pad_to_max):
+        raise SystemExit("--full-rows / --pad-to-max shape two_row batches; add --layout two_row")
     common.pin_threads(args.threads)
 
     import jax
@@ -136,47 +155,57 @@ def main(argv=None) -> int:
     def build(scan: bool):
         cfg = common.poet_config(model_dir, data, batch=args.batch, max_length=args.max_length, mode=args.mode,
                                  lr=1e-6, out_dir=work / f"out_{int(scan)}", steps=args.steps + 1, scan_layers=scan,
-                                 remat=args.remat, logps_chunk=args.logps_chunk)
+                                 remat=args.remat, logps_chunk=args.logps_chunk, layout=args.layout,
+                                 row_length=args.row_length)
         return loop.setup(cfg, progress=False)
 
+    packed = args.layout != "two_row"
+
     def batch(run, step):
+        """``(shape key, device arrays, rows, row length, real tokens, useful FLOPs)`` of a step."""
         idx = range(step * args.batch, (step + 1) * args.batch)
+        if packed:
+            pb, dev = common.device_packed_batch(run, idx)
+            _, rows, length = pb["input_ids"].shape
+            # real tokens, each sequence's attention over the keys its block mask allows
+            return (rows, length), dev, rows, length, int((pb["segment_ids"] > 0).sum()), run.flops(pb)
         b, dev = common.device_batch(run, idx, pad_to=args.max_length if args.pad_to_max else None)
         if args.full_rows:
             b.attention_mask[:] = 1
             dev = {**dev, "attention_mask": jax.device_put(
                 b.attention_mask.reshape(1, *b.attention_mask.shape), dev["attention_mask"].sharding)}
-        return b, dev
+        # real tokens (all of them with --full-rows), causal attention
+        return b.length, dev, b.input_ids.shape[0], b.length, int(b.attention_mask.sum()), run.flops(b)
 
     with_ref = args.mode != "c"
     run = build(scan=True)
     t = time.perf_counter()
     compiled = {}
     batches = [batch(run, s) for s in range(args.steps + 1)]
-    for b, dev in batches:
-        if b.length not in compiled:
-            compiled[b.length] = run.train_fn().lower(run.state, dev).compile()
+    for key, dev, *_ in batches:
+        if key not in compiled:
+            compiled[key] = run.train_fn().lower(run.state, dev).compile()
     compile_s = time.perf_counter() - t
     times, useful, executed = [], [], []
-    for s, (b, dev) in enumerate(batches):
+    for s, (key, dev, rows, length, _, flops) in enumerate(batches):
         t = time.perf_counter()
-        run.state, metrics = compiled[b.length](run.state, dev)
+        run.state, metrics = compiled[key](run.state, dev)
         jax.block_until_ready((run.state.params, metrics))
         dt = time.perf_counter() - t
         if s == 0:
             continue  # warm-up
         times.append(dt)
-        useful.append(run.flops(b))  # real tokens (all of them with --full-rows), causal attention
-        executed.append(executed_step_flops(run.model_config, b.input_ids.shape[0], b.length, with_ref))
+        useful.append(flops)
+        executed.append(executed_step_flops(run.model_config, rows, length, with_ref))
 
-    xla_per_length = {}
+    xla_per_shape = {}
     if not args.no_unrolled:  # XLA's count of the same steps, from an unrolled compile
         del run
         urun = build(scan=False)
-        for b, dev in batches[1:]:
-            if b.length not in xla_per_length:
-                xla_per_length[b.length] = xla_flops(urun.train_fn().lower(urun.state, dev).compile())
-        xla = [xla_per_length[b.length] for b, _ in batches[1:]]
+        for key, dev, *_ in batches[1:]:
+            if key not in xla_per_shape:
+                xla_per_shape[key] = xla_flops(urun.train_fn().lower(urun.state, dev).compile())
+        xla = [xla_per_shape[key] for key, *_ in batches[1:]]
     else:
         xla = [float("nan")] * len(times)
 
@@ -187,18 +216,18 @@ def main(argv=None) -> int:
 
     print(f"# roofline: {'quick ' if q else ''}model {model_dir}, mode {args.mode}, batch {args.batch} pairs, "
           f"max_length {args.max_length}, {args.threads} threads, {args.steps} timed steps after 1 warm-up, "
-          f"remat {args.remat}, logps_chunk {args.logps_chunk}"
+          f"remat {args.remat}, logps_chunk {args.logps_chunk}, layout {args.layout}"
           f"{', full rows' if args.full_rows else ''}")
     print(f"# {info['date']}, {info['cpu']} ({info['cores']} cores), load average {info['load_avg']}")
     print(common.fmt_table(["matmul n", "GFLOP/s"], [[n, "%.1f" % (r / 1e9)] for n, r in rates.items()]))
     print()
     rows = []
-    for i, ((b, _), dt) in enumerate(zip(batches[1:], times)):
-        rows.append([i + 1, b.length, int(b.attention_mask.sum()), "%.1f" % (useful[i] / 1e9),
+    for i, ((_, _, nrows, length, real, _), dt) in enumerate(zip(batches[1:], times)):
+        rows.append([i + 1, f"{nrows}x{length}", real, "%.1f" % (useful[i] / 1e9),
                      "%.1f" % (executed[i] / 1e9), "%.1f" % (xla[i] / 1e9),
                      "%.3f" % (xla[i] / executed[i]) if xla[i] == xla[i] else "n/a", "%.2f" % dt,
                      "%.1f" % (useful[i] / dt / 1e9), "%.0f%%" % (100 * useful[i] / dt / roof)])
-    print(common.fmt_table(["step", "L", "real tokens", "useful GFLOP", "executed GFLOP (formula)", "XLA GFLOP",
+    print(common.fmt_table(["step", "rows x L", "real tokens", "useful GFLOP", "executed GFLOP (formula)", "XLA GFLOP",
                             "XLA/formula", "s", "useful GFLOP/s", "of roof"], rows))
     print(f"\nroof (best matmul) {roof / 1e9:.1f} GFLOP/s; step: useful {achieved / 1e9:.1f} GFLOP/s = "
           f"{100 * frac:.1f}% of roof, executed {executed_rate / 1e9:.1f} GFLOP/s = {100 * executed_rate / roof:.1f}%"

@@ -98,31 +98,13 @@ def test_roofline_quick(tmp_path):
     assert "| matmul n" in out and "of roof" in out
     res = json.loads(out_json.read_text())
     assert res["roof"] > 1e9  # any CPU does more than 1 GFLOP/s
+    # packed_shared rows of the tiny model (head size 16): XLA also counts the elementwise work of
+    # softmax and block masks, ~10% of its attention matmuls at this head size (the strict 10%
+    # check of the counter itself is test_flop_counter_matches_xla_cost_analysis)
     for x, e in zip(res["xla_flops"], res["executed_flops"]):
-        assert abs(x / e - 1.0) < 0.10
+        assert 0.95 < x / e < 1.18
+    assert res["useful_flops"] and all(u < e for u, e in zip(res["useful_flops"], res["executed_flops"]))
     assert res["fraction_of_roof"] > 0
-
-
-def test_gpu_bench_causal_attention_swap_matches_model_attention():
-    """The benchmark's causal + sequence-length attention equals the model's dense-mask attention on real rows."""
-    import gpu_bench
-    import jax
-    import numpy as np
-
-    from poet_jax.models import transformer as T
-
-    rng = np.random.default_rng(0)
-    B, L, H, K, D = 3, 24, 4, 2, 8
-    q = jax.numpy.asarray(rng.standard_normal((B, L, H, D)), jax.numpy.float32)
-    k = jax.numpy.asarray(rng.standard_normal((B, L, K, D)), jax.numpy.float32)
-    v = jax.numpy.asarray(rng.standard_normal((B, L, K, D)), jax.numpy.float32)
-    lengths = np.array([24, 17, 5])
-    valid = np.arange(L)[None] < lengths[:, None]
-    full, _ = T.build_masks(jax.numpy.asarray(valid), jax.numpy.arange(L), None)
-    want = np.asarray(T.attention(q, k, v, full, 0.3))
-    got = np.asarray(gpu_bench.cudnn_causal_attention(q, k, v, full, 0.3, implementation="xla"))
-    for b, n in enumerate(lengths):
-        np.testing.assert_allclose(got[b, :n], want[b, :n], rtol=1e-5, atol=1e-6)
 
 
 def test_gpu_script_cpu_mode(tmp_path):
@@ -134,8 +116,21 @@ def test_gpu_script_cpu_mode(tmp_path):
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "MFU" in proc.stdout
+    assert "attention xla (XLA: blocked causal" in proc.stdout  # CPU default: the model's blocked path
     res = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert res["attn"] == "xla"
     assert [r["workload"] for r in res["results"]] == ["dpo", "dpo_poet"]
     for r in res["results"]:
         assert r["mfu"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_gib"] > 0
         assert r["loss"] == pytest.approx(math.log(2), abs=1e-2)  # one tiny lr step from random init
+
+
+def test_bench_attention_quick(tmp_path):
+    """bench/bench_attention.py --quick times blocked vs full-mask attention in the model and prints
+    the ratio; both paths give the same hidden states."""
+    out_json = tmp_path / "attn.json"
+    out = _run(["bench/bench_attention.py", "--quick", "--json", str(out_json)])
+    assert "| pass" in out and "full / blocked" in out
+    res = json.loads(out_json.read_text())
+    assert res["max_rel_diff"] < 1e-5
+    assert all(v > 0 for v in res["median_s"].values())
