@@ -70,7 +70,7 @@ def run(argv: list[str] | None = None) -> dict:
     setup_s = time.perf_counter() - t0
     counter.count, counter.seconds = 0, 0.0  # count the training compiles only
     steps = run_.sampler.steps_per_epoch if not args.quick else min(4, run_.sampler.steps_per_epoch * 2)
-    step_times, compiles_at, pairs, tokens = [], [], [], []
+    step_times, compiles_at, pairs, tokens, shapes = [], [], [], [], set()
     for i in range(steps):
         before = counter.count
         batch, ref = run_.next_global_batch()
@@ -79,8 +79,14 @@ def run(argv: list[str] | None = None) -> dict:
         jax.block_until_ready(m["loss"])
         step_times.append(time.perf_counter() - t)
         compiles_at.append(counter.count - before)
-        pairs.append(int(batch.pair_valid.sum()))
-        tokens.append(int(batch.attention_mask.sum()))
+        if isinstance(batch, dict):  # packed / shared-prompt layouts: real slots of the rows
+            pairs.append(int(batch["pair_valid"].sum()))
+            tokens.append(int((batch["segment_ids"] > 0).sum()))
+            shapes.add(tuple(batch["input_ids"].shape))
+        else:
+            pairs.append(int(batch.pair_valid.sum()))
+            tokens.append(int(batch.attention_mask.sum()))
+            shapes.add(tuple(batch.input_ids.shape))
     train_compiles, train_compile_s = counter.count, counter.seconds
     steady = [i for i in range(steps) if compiles_at[i] == 0]
     steady_s = sum(step_times[i] for i in steady)
@@ -101,6 +107,7 @@ def run(argv: list[str] | None = None) -> dict:
         "train_compiles": train_compiles,
         "train_compile_s": round(train_compile_s, 2),
         "bucket_lengths": list(run_.buckets or ()),
+        "batch_shapes": sorted(shapes),
         "steady_steps": len(steady),
         "steady_steps_per_s": round(len(steady) / steady_s, 3) if steady_s else None,
         "steady_pairs_per_s": round(sum(pairs[i] for i in steady) / steady_s, 2) if steady_s else None,
