@@ -389,7 +389,8 @@ def parent(args) -> int:
           f"{args.batch}, max_length {args.max_length}, {args.threads} threads, warm-up {args.warmup} + "
           f"{args.steps} measured steps, lr {args.lr}, TRL gradient checkpointing {args.trl_gradient_checkpointing}, "
           f"poet_jax remat {args.remat}, logps_chunk {args.logps_chunk}, layout {args.layout}"
-          + (f" (rows of {args.row_length or 2 * args.max_length} slots, <= {args.max_pairs_per_row} pairs/row)"
+          + (f" (rows of up to {args.row_length or 2 * args.max_length} slots cut to multiples of 128, "
+             f"<= {args.max_pairs_per_row} pairs/row)"
              if args.layout != "two_row" else f", buckets multiple of {args.bucket_multiple}"))
     print(f"# {info['date']}, {info['cpu']} ({info['cores']} cores), load average {info['load_avg']} at start",
           flush=True)

@@ -149,3 +149,9 @@ def test_balanced_packing_and_cut_rows():
         assert length % 64 == 0 and fill <= length < fill + 64
         # every pair's tokens are in the cut rows: real slots == sum of pair sizes
         assert (out["segment_ids"] > 0).sum() == sum(pair_tokens(exs[i], True) for i in idx)
+        # rows padded up to a multiple of the data-parallel ways: the pairs spread over all of them
+        wide = pack_pairs(exs, idx, num_rows=None, row_length=400, max_pairs_per_row=4, row_multiple=8,
+                          balance=True)
+        assert wide.shape[0] == 8 and sorted(wide[wide >= 0].tolist()) == idx
+        assert row_fill(exs, wide) <= row_fill(exs, bal)
+        assert row_fill(exs, wide) == max(pair_tokens(exs[i], True) for i in idx)  # 8 pairs, 8 rows: one each

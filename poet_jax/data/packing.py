@@ -220,12 +220,12 @@ def pack_pairs(
     _check_sizes(lengths, row_length, max_pairs_per_row, idx)
     order = np.argsort(-lengths, kind="stable")
     rows = first_fit(lengths[order], row_length, max_pairs_per_row)
-    if balance and len(rows) > 1:
-        rows = _balance(lengths[order], rows, max_pairs_per_row)
     if num_rows is None:
         if row_multiple < 1:
             raise PackingError(f"row_multiple must be positive, got {row_multiple}")
         num_rows = max(-(-len(rows) // row_multiple) * row_multiple, 1)
+    if balance and 1 < num_rows and len(rows) <= num_rows:
+        rows = _balance(lengths[order], rows, max_pairs_per_row, num_rows)
     if len(rows) > num_rows:
         raise PackingError(
             f"{idx.size} pairs ({int(lengths.sum())} tokens) need {len(rows)} rows of {row_length} slots "
@@ -237,10 +237,10 @@ def pack_pairs(
     return plan
 
 
-def _balance(lengths: np.ndarray, rows: list[list[int]], max_pairs_per_row: int) -> list[list[int]]:
-    """Longest-first items (``lengths`` in decreasing order) over ``len(rows)`` rows, each to the
-    emptiest row with a free pair slot; keeps ``rows`` (first fit) when that is not shorter."""
-    n = len(rows)
+def _balance(lengths: np.ndarray, rows: list[list[int]], max_pairs_per_row: int, n: int) -> list[list[int]]:
+    """Longest-first items (``lengths`` in decreasing order) over ``n >= len(rows)`` rows (e.g. the
+    rows padded up to a multiple of the data-parallel ways), each to the emptiest row with a free
+    pair slot; keeps ``rows`` (first fit) when that does not shorten the fullest row."""
     fill = np.zeros(n, np.int64)
     out: list[list[int]] = [[] for _ in range(n)]
     for i, size in enumerate(lengths.tolist()):
@@ -249,7 +249,7 @@ def _balance(lengths: np.ndarray, rows: list[list[int]], max_pairs_per_row: int)
         out[j].append(i)
         fill[j] += size
     first_fit_max = max(int(lengths[r].sum()) for r in rows)
-    return out if int(fill.max()) < first_fit_max else rows
+    return [r for r in out if r] if int(fill.max()) < first_fit_max else rows
 
 
 def row_fill(examples: Sequence[Example], plan: np.ndarray, shared_prompt: bool = True) -> int:
