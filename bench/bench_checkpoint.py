@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -29,27 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def _smollm2_dir() -> Path:
-    from poet_jax.models.gguf import convert_gguf_to_hf, find_smollm2_gguf
-
-    root = Path(os.environ.get("POET_JAX_TEST_CACHE", Path.home() / ".cache" / "poet_jax" / "tests"))
-    out = root / "smollm2-135m-instruct-hf"
-    if not (out / "config.json").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        convert_gguf_to_hf(find_smollm2_gguf(), out)
-    return out
-
-
-def _tiny_dir(tmp: Path) -> Path:
-    from poet_jax.train.config import TinyModelSpec
-    from poet_jax.train.tiny import create_tiny_model_dir
-
-    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "dpo_en_demo.json"
-    spec = TinyModelSpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-                         vocab_size=512, seed=0)
-    return create_tiny_model_dir(tmp / "tiny", spec, data)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 
 def measure(model_dir: Path, ckpt_dir: Path, repeats: int = 3) -> dict:
@@ -130,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
     tmp = Path(tempfile.mkdtemp(prefix="bench_ckpt_"))
     try:
-        model_dir = _tiny_dir(tmp) if args.quick else _smollm2_dir()
+        model_dir = common.tiny_llama_dir(tmp / "tiny") if args.quick else common.smollm2_dir()
         ckpt_dir = Path(args.dir) if args.dir else tmp / "ckpt"
         res = measure(model_dir, ckpt_dir, args.repeats)
     finally:

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?",
@@ -25,16 +29,6 @@ PROMPTS = [
     "Summarize the plot of Romeo and Juliet in two sentences.",
     "Suggest a name for a small bakery.",
 ]
-
-
-def default_model_dir() -> Path:
-    cached = Path.home() / ".cache" / "poet_jax" / "tests" / "smollm2-135m-instruct-hf"
-    if (cached / "config.json").is_file():
-        return cached
-    from poet_jax.models import cached_gguf_dir
-    from poet_jax.models.gguf import find_smollm2_gguf
-
-    return cached_gguf_dir(find_smollm2_gguf())
 
 
 def main(argv=None) -> dict:
@@ -57,7 +51,7 @@ def main(argv=None) -> dict:
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    path = args.model or default_model_dir()
+    path = args.model or common.smollm2_dir()
     tok = AutoTokenizer.from_pretrained(str(path))
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in PROMPTS[:n_prompts]]

@@ -86,9 +86,9 @@ def main(argv=None) -> dict:
         return {}
     if args.model is None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_generate import default_model_dir
+        import common
 
-        args.model = default_model_dir()
+        args.model = common.smollm2_dir()
     reps = args.repeats or (1 if args.quick else 3)
     ckpt_mb = sum(f.stat().st_size for f in args.model.glob("*.safetensors")) / 2**20
     results = {}

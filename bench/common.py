@@ -162,11 +162,10 @@ def select_pairs(tokenizer, n_pairs: int, max_length: int, out_file: Path, short
     data = build_preference_data(cfg, tokenizer)
     keep = []
     exs = data.train_examples
-    row = lambda ex: len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids))  # noqa: E731
     if shortest:
-        exs = sorted(sorted(exs, key=row)[:n_pairs], key=lambda ex: ex.record)
+        exs = sorted(sorted(exs, key=lambda ex: ex.row_length)[:n_pairs], key=lambda ex: ex.record)
     for ex in exs:
-        if row(ex) <= max_length:
+        if ex.row_length <= max_length:
             keep.append(ex.record)
         if len(keep) == n_pairs:
             break
@@ -177,11 +176,6 @@ def select_pairs(tokenizer, n_pairs: int, max_length: int, out_file: Path, short
     sub = build_preference_data(DataConfig(path=str(out_file), max_length=None, max_prompt_length=None,
                                            show_progress=False, bucket_lengths=()), tokenizer)
     return chosen, sub.train_examples
-
-
-def pair_tokens(ex) -> int:
-    """Real tokens of a pair's two rows: 2 * prompt + chosen + rejected (untruncated)."""
-    return 2 * len(ex.prompt_ids) + len(ex.chosen_ids) + len(ex.rejected_ids)
 
 
 def fmt_table(header: list[str], rows: list[list], aligns: str | None = None) -> str:
@@ -235,8 +229,7 @@ def device_batch(run, indices, pad_to: int | None = None):
 
     b = make_batch(run.train_examples, list(indices), run.buckets, run.pad_id, length=pad_to)
     ref = run.ref_train[list(indices)] if run.ref_train is not None else None
-    groups = getattr(run, "local_row_groups", 1)  # same layout as Run.step (one process: 1)
-    arrays = loop.to_micro_batches(b, 1, ref, groups) if groups != 1 else loop.to_micro_batches(b, 1, ref)
+    arrays = loop.to_micro_batches(b, 1, ref, run.local_row_groups)  # the layout Run.step uses
     shardings = loop.batch_shardings(run.mesh, ref is not None, micro=True)
     return b, {k: jax.device_put(v, shardings[k]) for k, v in arrays.items()}
 

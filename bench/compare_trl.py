@@ -123,11 +123,12 @@ def worker_poet(args, proto: Proto) -> None:
         b, dev = common.device_batch(run, idx)
         return b.length, dev, int(np.prod(b.input_ids.shape)), int(b.attention_mask.sum()), run.flops(b)
 
-    # compile every batch shape of the run ahead of time (excluded from the step times)
+    # every batch on the device and every batch shape compiled ahead of time (excluded from the step times,
+    # as TRL's collated batch is ready before its on_step_begin)
     t1 = time.perf_counter()
+    batches = [device_batch(s) for s in range(args.steps)]
     compiled = {}
-    for s in range(args.steps):
-        key, dev = device_batch(s)[:2]
+    for key, dev, *_ in batches:
         if key not in compiled:
             compiled[key] = run.train_fn().lower(run.state, dev).compile()
     compile_s = time.perf_counter() - t1
@@ -141,7 +142,7 @@ def worker_poet(args, proto: Proto) -> None:
             break
         step = int(cmd[1])
         ts = time.perf_counter()
-        key, dev, computed, real, flops = device_batch(step)
+        key, dev, computed, real, flops = batches[step]
         run.state, metrics = compiled[key](run.state, dev)
         loss = float(jax.device_get(metrics["loss"]))
         jax.block_until_ready(run.state.params)
@@ -275,6 +276,8 @@ def run_mode(mode: str, workers: dict[str, Worker], args, examples: list, on_rea
     ``on_ready`` is called once every worker of this mode has finished its setup (the
     quick mode starts the next mode's workers then, overlapping their setup).
     """
+    from poet_jax.data.packing import pair_tokens  # real tokens of a pair's two rows (untruncated)
+
     sides = list(workers)
     res = {s: {"steps": []} for s in sides}
     try:
@@ -310,7 +313,7 @@ def run_mode(mode: str, workers: dict[str, Worker], args, examples: list, on_rea
         meas = res[s]["steps"][args.warmup:]
         secs = sum(m["seconds"] for m in meas)
         pairs = args.batch * len(meas)
-        tokens = sum(common.pair_tokens(examples[i]) for m in meas for i in _batch_indices(m["step"], args.batch))
+        tokens = sum(pair_tokens(examples[i], False) for m in meas for i in _batch_indices(m["step"], args.batch))
         res[s].update(
             measured_s=secs, pairs_per_s=pairs / secs, tokens_per_s=tokens / secs,
             warmup_s=sum(m["seconds"] for m in res[s]["steps"][: args.warmup]),

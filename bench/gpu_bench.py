@@ -147,10 +147,8 @@ def main(argv=None) -> int:
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6, weight_decay=0.0))
     graphdef, state = make_state(model, tx)
     del model
-    ref = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p))(state.params)
-    if dtype == jnp.float32:
-        ref = jax.jit(lambda p: jax.tree.map(lambda x: x + 0, p))(state.params)
-    state = state.replace(ref_params=ref)
+    cast = (lambda x: x + 0) if dtype == jnp.float32 else (lambda x: x.astype(dtype))  # fp32: a real copy
+    state = state.replace(ref_params=jax.jit(lambda p: jax.tree.map(cast, p))(state.params))
     init_s = time.perf_counter() - t0
     scfg = StepConfig(loss="dpo", hparams=(("beta", 0.1),), reference="frozen", logps_chunk=args.logps_chunk)
     step_fn = jax.jit(functools.partial(train_step, scfg, graphdef, tx, lambda s: jnp.asarray(1e-6)),

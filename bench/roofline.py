@@ -37,7 +37,6 @@ import common  # noqa: E402
 def matmul_rate(sizes=(1024, 2048, 3072, 4096), min_time: float = 1.0, dtype: str = "float32") -> dict[int, float]:
     """Sustained FLOP/s of ``[n, n] @ [n, n]`` per size (best of 3 timed runs of >= ``min_time`` s each)."""
     import jax
-    import jax.numpy as jnp
 
     out = {}
     for n in sizes:
@@ -134,7 +133,6 @@ def main(argv=None) -> int:
     common.pin_threads(args.threads)
 
     import jax
-    import numpy as np
     from transformers import AutoTokenizer
 
     from poet_jax.train import loop

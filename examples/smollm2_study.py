@@ -190,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value config overrides for both runs (e.g. train.max_steps=2)")
     args = p.parse_args(argv)
     os.chdir(ROOT)  # the configs use paths relative to the repository root
-    if args.stage in ("all", "convert", "train", "eval"):
-        convert()
+    convert()  # every stage needs the converted model (a no-op once it exists)
     if args.stage in ("all", "train"):
         train_all(args.overrides)
     if args.stage in ("all", "eval"):

@@ -20,6 +20,27 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def random_model(cfg, seed: int, **kw):
+    """A CausalLM with numpy-drawn weights (normal 0.1; norms 1 + normal 0.1): no eager init compiles.
+
+    A plain helper (``from conftest import random_model``), shared by the packing tests."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from poet_jax.models import CausalLM
+
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), **kw)))
+    rs = np.random.RandomState(seed)
+
+    def draw(path, a):
+        w = rs.normal(0.0, 0.1, a.shape).astype(np.float32)
+        return jnp.asarray(w + ("norm" in jax.tree_util.keystr(path)))
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
+
+
 def _cache_dir() -> Path:
     root = Path(os.environ.get("POET_JAX_TEST_CACHE", Path.home() / ".cache" / "poet_jax" / "tests"))
     root.mkdir(parents=True, exist_ok=True)

@@ -97,7 +97,6 @@ def test_sampling_controls():
 
 
 def test_no_retrace_for_same_shapes():
-    from poet_jax.models import generate as gen_mod  # noqa: F401
     from poet_jax.models.generate import _generate_jit
 
     model = _model("llama")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -101,7 +100,7 @@ def test_logits_match_transformers(name, hf_models):
     assert out.dtype == np.float32 and out.shape == (3, T, V)
     diff = np.abs(out - ref)[mask.astype(bool)].max()
     assert diff <= 1e-4, f"{name}: max|diff| {diff}"
-    # the padded rows differ from the unpadded ones only through padding, not wrong positions
+    # padding slots (not compared above) still produce finite logits
     assert np.isfinite(out).all()
 
 

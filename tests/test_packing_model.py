@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_model
 from flax import nnx
 
-from poet_jax.models import CausalLM, ModelConfig
+from poet_jax.models import ModelConfig
 from poet_jax.models.transformer import segment_attention_mask
 
 V = 96
@@ -32,18 +33,6 @@ CFGS = {
 
 def _model(name, **kw):
     return random_model(CFGS[name], 3, **kw)
-
-
-def random_model(cfg: ModelConfig, seed: int, **kw) -> CausalLM:
-    """A CausalLM with numpy-drawn weights (normal 0.1; norms 1 + normal 0.1): no eager init compiles."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), **kw)))
-    rs = np.random.RandomState(seed)
-
-    def draw(path, a):
-        w = rs.normal(0.0, 0.1, a.shape).astype(np.float32)
-        return jnp.asarray(w + ("norm" in jax.tree_util.keystr(path)))
-
-    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
 
 
 @jax.jit

@@ -16,12 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_model
 from flax import nnx
 
 from poet_jax import losses
 from poet_jax.data import DataConfig, build_preference_data, make_batch, poet_truncate_example
 from poet_jax.data.packing import make_packed_batch, pack_pairs
-from poet_jax.models import CausalLM, ModelConfig
+from poet_jax.models import ModelConfig
 from poet_jax.train.packed import packed_reference_logps, packed_sequence_logps
 
 PROMPT = [5, 12, 3, 9, 7, 14]
@@ -32,18 +33,6 @@ LAYOUTS = {  # name: (shared_prompt, rows, max_pairs_per_row, row_length, log-pr
     "packed": (False, 3, 3, 80, 0),
     "packed_shared": (True, 3, 3, 64, 16),
 }
-
-
-def random_model(cfg: ModelConfig, seed: int, **kw) -> CausalLM:
-    """A CausalLM with numpy-drawn weights (normal 0.1; norms 1 + normal 0.1): no eager init compiles."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), **kw)))
-    rs = np.random.RandomState(seed)
-
-    def draw(path, a):
-        w = rs.normal(0.0, 0.1, a.shape).astype(np.float32)
-        return jnp.asarray(w + ("norm" in jax.tree_util.keystr(path)))
-
-    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
 
 
 @pytest.fixture(scope="module")

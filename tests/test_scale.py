@@ -134,7 +134,7 @@ def test_killed_process_stops_its_peer_within_60s(write_fault_config, tmp_path):
         except subprocess.TimeoutExpired:
             pytest.fail("process 0 still running 60 s after its peer was killed")
         elapsed = time.monotonic() - t0
-        assert rc != 0 and elapsed < 60, (rc, elapsed)
+        assert rc != 0, (rc, elapsed)  # (wait() above already fails after 60 s)
         log = (tmp_path / "proc0.log").read_text()
         # a broken collective: one clear line, immediate exit 1; otherwise JAX's heartbeat stops it
         assert (rc == 1 and "poet-jax: error: process 0 of 2 failed" in log) or "heartbeat" in log, log[-3000:]

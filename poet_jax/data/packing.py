@@ -54,7 +54,6 @@ __all__ = [
     "row_fill",
     "pack_epoch",
     "make_packed_batch",
-    "packed_batch_from_indices",
 ]
 
 BRANCH_PROMPT, BRANCH_CHOSEN, BRANCH_REJECTED = 0, 1, 2
@@ -361,19 +360,3 @@ def make_packed_batch(
                     cur += n
     return PackedBatch(ids, pos, seg, br, ct, cm, rt, rm, slot, valid, plan.copy(), bool(shared_prompt))
 
-
-def packed_batch_from_indices(
-    examples: Sequence[Example],
-    indices: Sequence[int],
-    pad_id: int,
-    *,
-    num_rows: int | None,
-    row_length: int,
-    max_pairs_per_row: int,
-    shared_prompt: bool = True,
-    row_multiple: int = 1,
-) -> PackedBatch:
-    """:func:`pack_pairs` then :func:`make_packed_batch` with rows of ``row_length`` slots."""
-    plan = pack_pairs(examples, indices, num_rows=num_rows, row_length=row_length,
-                      max_pairs_per_row=max_pairs_per_row, shared_prompt=shared_prompt, row_multiple=row_multiple)
-    return make_packed_batch(examples, plan, pad_id, row_length=row_length, shared_prompt=shared_prompt)

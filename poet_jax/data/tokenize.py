@@ -67,7 +67,8 @@ class Example:
         return dataclasses.replace(self, **kw)
 
 
-def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Number of leading ids ``a`` and ``b`` share."""
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
@@ -157,7 +158,7 @@ def split_ids(
     chat_template: bool, stats: TokenizeStats,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Token ids of P, F_c, F_r -> (prompt_ids, chosen_ids, rejected_ids) int32 arrays."""
-    plen = min(_common_prefix_length(p_ids, fc_ids), _common_prefix_length(p_ids, fr_ids))
+    plen = min(common_prefix_length(p_ids, fc_ids), common_prefix_length(p_ids, fr_ids))
     if plen < len(p_ids):
         stats.prefix_mismatch += 1
     prompt = list(p_ids[:plen])

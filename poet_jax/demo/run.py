@@ -177,7 +177,7 @@ def run_seed(s: DemoSettings, seed: int, bar=None) -> tuple[dict[str, Any], dict
     from poet_jax.data import DataConfig, build_preference_data
     from poet_jax.demo.sft import create_model, save_model, sft_train
     from poet_jax.demo.tokenizer import build_tokenizer
-    from poet_jax.evaluate.generation import evaluate_generation, sample_responses
+    from poet_jax.evaluate.generation import evaluate_generation, sample_responses, score
     from poet_jax.evaluate.margins import prefix_margin_report
     from poet_jax.models import from_pretrained
     from poet_jax.train.loop import train
@@ -215,11 +215,10 @@ def run_seed(s: DemoSettings, seed: int, bar=None) -> tuple[dict[str, Any], dict
     prompts = [q for q in data.eval_prompts for _ in range(s.gen_repeats)]
     train_questions = sorted({r["prompt"][0]["content"] for r in data.train_pairs})
     ref_samples = sample_responses(reference, tokenizer, prompts, **gen_kw)
-    ref_gen = evaluate_generation(reference, tokenizer, prompts, answer_reward,
-                                  reference_samples=ref_samples, **gen_kw)
+    ref_rewards = score(answer_reward, ref_samples.prompts, ref_samples.responses)
     results: dict[str, Any] = {
-        "sft": {"sft_loss": float(np.mean(hist[-20:])), "answer_accuracy": ref_gen.mean_reward,
-                "response_length": ref_gen.mean_length, "win_rate": 0.5,
+        "sft": {"sft_loss": float(np.mean(hist[-20:])), "answer_accuracy": float(ref_rewards.mean()),
+                "response_length": float(ref_samples.lengths.mean()), "win_rate": 0.5,
                 "p_right": answer_probability(reference, tokenizer, data.eval_prompts),
                 "p_right_train_q": answer_probability(reference, tokenizer, train_questions)}
     }
@@ -232,8 +231,8 @@ def run_seed(s: DemoSettings, seed: int, bar=None) -> tuple[dict[str, Any], dict
         out = train(cfg, progress=False)
         policy = from_pretrained(out["export_dir"])
         rep = prefix_margin_report(policy, reference, ev, pad, beta=s.beta, batch_size=64)
-        gen = evaluate_generation(policy, tokenizer, prompts, answer_reward,
-                                  reference_samples=ref_samples, **gen_kw)
+        gen = evaluate_generation(policy, tokenizer, prompts, answer_reward, reference_samples=ref_samples,
+                                  reference_rewards=ref_rewards, **gen_kw)
         gen.save_json(root / f"generations_{variant.replace('+', '_')}.json")
         row = {
             "reward_accuracy": rep.simpo_accuracy() if VARIANTS[variant][0] == "simpo" else rep.accuracy,

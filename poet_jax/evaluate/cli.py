@@ -127,7 +127,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from poet_jax.data import DataConfig, build_preference_data
-    from poet_jax.evaluate.generation import evaluate_generation, sample_responses
+    from poet_jax.evaluate.generation import evaluate_generation, sample_responses, score
     from poet_jax.evaluate.margins import prefix_margin_report
     from poet_jax.evaluate.plots import plot_prefix_margins
     from poet_jax.models import from_pretrained
@@ -157,6 +157,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     gen_kw = dict(seed=args.seed, temperature=args.temperature, top_p=args.top_p,
                   max_new_tokens=args.max_new_tokens, chat_template=not args.no_chat_template)
     ref_samples = sample_responses(reference, tokenizer, prompts, **gen_kw) if prompts else None
+    ref_rewards = score(reward, ref_samples.prompts, ref_samples.responses) if prompts else None
 
     results: dict[str, Any] = {}
     reports = {}
@@ -167,7 +168,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         reports[label] = rep
         results[label] = {"path": str(path), "prefix_margins": rep.to_dict()}
         if prompts:
-            gen = evaluate_generation(policy, tokenizer, prompts, reward, reference_samples=ref_samples, **gen_kw)
+            gen = evaluate_generation(policy, tokenizer, prompts, reward, reference_samples=ref_samples,
+                                      reference_rewards=ref_rewards, **gen_kw)
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
             gen.save_json(out / f"generations_{safe}.json")
             results[label]["generation"] = gen.to_dict()

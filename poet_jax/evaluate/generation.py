@@ -28,6 +28,7 @@ from typing import Any, Union
 import jax
 import numpy as np
 
+from poet_jax.data.tokenize import common_prefix_length
 from poet_jax.models import generate
 
 Prompt = Union[str, Sequence[dict]]
@@ -185,10 +186,7 @@ class CausalLMReward:
                 add_special_tokens=False)["input_ids"]
         f = tok(tok.apply_chat_template(p_msgs + [{"role": "assistant", "content": response}], tokenize=False),
                 add_special_tokens=False)["input_ids"]
-        n = 0
-        while n < min(len(p), len(f)) and p[n] == f[n]:
-            n += 1
-        return list(f), n
+        return list(f), common_prefix_length(p, f)
 
     def score_batch(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         """``[N]`` float64 rewards."""
@@ -279,6 +277,7 @@ def evaluate_generation(
     *,
     reference=None,
     reference_samples: Samples | None = None,
+    reference_rewards: np.ndarray | None = None,
     seed: int = 0,
     temperature: float = PAPER_TEMPERATURE,
     top_p: float = PAPER_TOP_P,
@@ -287,7 +286,9 @@ def evaluate_generation(
     chat_template: bool = True,
 ) -> GenerationReport:
     """Sample from ``policy`` (and ``reference``, unless its ``reference_samples`` are given)
-    on ``prompts`` with the same seed, score both with ``reward``, and compare."""
+    on ``prompts`` with the same seed, score both with ``reward`` (the reference's scores may be
+    passed as ``reference_rewards`` when several policies are compared with the same samples),
+    and compare."""
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
               batch_size=batch_size, chat_template=chat_template)
     pol = sample_responses(policy, tokenizer, prompts, **kw)
@@ -307,7 +308,7 @@ def evaluate_generation(
         ref = reference_samples
         if len(ref.responses) != len(pol.responses):
             raise ValueError(f"reference_samples has {len(ref.responses)} responses for {len(pol.responses)} prompts")
-        r_ref = score(reward, ref.prompts, ref.responses)
+        r_ref = score(reward, ref.prompts, ref.responses) if reference_rewards is None else reference_rewards
         wins, ties = (r_pol > r_ref), (r_pol == r_ref)
         rep.ref_mean_reward = float(r_ref.mean())
         rep.ref_mean_length = float(ref.lengths.mean())

@@ -49,7 +49,7 @@ _prefix_margins_jit = jax.jit(losses.prefix_margins, static_argnames=("beta",))
 @functools.partial(jax.jit, static_argnums=0)
 def _last_logits_jit(graphdef, state, input_ids, attention_mask):
     model = nnx.merge(graphdef, state)
-    return model(input_ids, attention_mask)[:, -1]
+    return model.logits_from_hidden(model.hidden_states(input_ids, attention_mask)[:, -1])
 
 
 def last_token_logits(model, input_ids, attention_mask) -> np.ndarray:
@@ -203,15 +203,6 @@ def reduce_prefix_margins(
         chosen_lengths=nc,
         rejected_lengths=nr,
     )
-
-
-def pair_prefix_margins(policy, reference, batch, *, beta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``M`` for one ``PreferenceBatch`` (valid pairs only).
-
-    Returns ``(margins [b, K], chosen_lengths [b], rejected_lengths [b])`` with ``K = L - 1``.
-    """
-    m, c, r, _ = _pair_stats(policy, reference, batch, beta)
-    return m, c, r
 
 
 def _pair_stats(policy, reference, batch, beta):

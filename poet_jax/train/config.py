@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from poet_jax import losses
+
 
 class ConfigError(ValueError):
     """A configuration the user wrote is invalid (unknown key, bad type, impossible value)."""
@@ -79,7 +81,8 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """Mirrors :class:`poet_jax.data.DataConfig` (same names; 0 / "" / [] stand for its None)."""
+    """:class:`poet_jax.data.DataConfig`'s settings under the same names (0 / "" / [] stand for its None;
+    ``train/data_bridge.py`` passes every shared name across) plus the trainer-side batch layout."""
 
     path: str = _f("", "training preference data: .json/.jsonl[.gz]/.parquet file, a save_to_disk folder or a Hub name")
     format: str = _f(
@@ -369,36 +372,14 @@ def config_to_dict(cfg: Config) -> dict:
 
 # --------------------------------------------------------------------------- validation
 
-REFERENCE_FREE = ("simpo", "cpo", "orpo")
-
-
 def loss_needs_reference(name: str) -> bool:
-    """Whether loss ``name`` compares against a reference model (uses losses.needs_reference when present)."""
-    try:
-        from poet_jax import losses
-
-        fn = getattr(losses, "needs_reference", None)
-        if fn is not None:
-            return bool(fn(name))
-    except ImportError:  # pragma: no cover - losses is part of the package
-        pass
-    return name not in REFERENCE_FREE
+    """Whether loss ``name`` compares against a reference model (``poet_jax.losses.needs_reference``)."""
+    return losses.needs_reference(name)
 
 
-def known_losses() -> tuple[str, ...] | None:
-    """Names of the losses registered in poet_jax.losses, or None if it exposes no registry."""
-    try:
-        from poet_jax import losses
-    except ImportError:  # pragma: no cover
-        return None
-    for attr in ("LOSSES", "LOSS_REGISTRY", "REGISTRY"):
-        reg = getattr(losses, attr, None)
-        if isinstance(reg, dict) and reg:
-            return tuple(sorted(reg))
-    fn = getattr(losses, "available_losses", None) or getattr(losses, "loss_names", None)
-    if callable(fn):
-        return tuple(fn())
-    return None
+def known_losses() -> tuple[str, ...]:
+    """Names of the losses registered in ``poet_jax.losses``."""
+    return tuple(sorted(losses.LOSSES))
 
 
 def resolved_reference_mode(cfg: Config) -> str:
@@ -467,7 +448,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
             f"data.bucket_lengths: the largest bucket {max(d.bucket_lengths)} must be >= data.max_length={d.max_length}"
         )
     names = known_losses()
-    if names is not None and lo.name not in names:
+    if lo.name not in names:
         raise ConfigError(f"loss.name: unknown loss {lo.name!r}; available: {', '.join(names)}")
     if not lo.beta > 0:
         raise ConfigError(f"loss.beta must be > 0, got {lo.beta}")

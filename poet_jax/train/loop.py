@@ -329,8 +329,6 @@ def _gather_rows(x: np.ndarray, mesh) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(arr, tiled=True))
 
 
-
-
 def _device_kind() -> str:
     return jax.devices()[0].device_kind
 
@@ -361,6 +359,10 @@ class Run:
     pad_token: int | None = None
     rng: Any = None
     faults: FaultInjection = dataclasses.field(default_factory=FaultInjection)
+
+    def __post_init__(self):
+        # hashes every training pair's ids: computed once (checkpoint metadata, resume check, reference cache)
+        self.train_fingerprint = examples_fingerprint(self.train_examples)
     _train_fn: Any = None
     _eval_fn: Any = None
 
@@ -532,10 +534,9 @@ def setup(cfg: Config, *, progress: bool | None = None) -> Run:
     del model
     if ref_mode == "frozen":
         rdt = DTYPES[cfg.reference.dtype]
-        ref_params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(rdt), p))(state.params)
-        if rdt == jnp.float32:  # astype is a no-op: make a real copy so donation cannot alias it
-            ref_params = jax.jit(lambda p: jax.tree.map(lambda x: x + 0, p))(state.params)
-        state = state.replace(ref_params=ref_params)
+        # float32: astype would be a no-op; x + 0 makes a real copy so donation cannot alias it
+        cast = (lambda x: x + 0) if rdt == jnp.float32 else (lambda x: x.astype(rdt))
+        state = state.replace(ref_params=jax.jit(lambda p: jax.tree.map(cast, p))(state.params))
 
     faults = FaultInjection.from_env()
     # one process: plain [chosen; rejected] rows; several: one [chosen; rejected] block per batch shard
@@ -560,7 +561,7 @@ def precompute_reference(run: Run, progress: bool = True) -> tuple[np.ndarray, n
     cfg = run.cfg
     cache_dir = Path(cfg.reference.cache_dir or Path(cfg.train.output_dir) / "ref_cache")
     settings = {"compute_dtype": cfg.train.dtype, "ref_dtype": cfg.reference.dtype}
-    splits = {"train": examples_fingerprint(run.train_examples), "eval": examples_fingerprint(run.eval_examples)}
+    splits = {"train": run.train_fingerprint, "eval": examples_fingerprint(run.eval_examples)}
     key = cache_key(model_fingerprint(run.model_dir), splits, settings)
     bsz = cfg.reference.batch_pairs or micro_batch(cfg)
     rdt = DTYPES[cfg.reference.dtype]
@@ -617,7 +618,7 @@ def _meta(run: Run) -> dict:
         "rng": rng,
         "config": config_to_dict(run.cfg),
         "model_dir": str(run.model_dir),
-        "train_fingerprint": examples_fingerprint(run.train_examples),
+        "train_fingerprint": run.train_fingerprint,
         "process_count": jax.process_count(),
     }
 
@@ -634,7 +635,7 @@ def restore_checkpoint(run: Run, ckpt: Checkpointer, step: int | None = None) ->
     step = ckpt.latest_step() if step is None else step
     tree, meta = ckpt.restore(step, run.state.checkpoint_tree())
     fp = meta.get("train_fingerprint")
-    if fp is not None and fp != examples_fingerprint(run.train_examples):
+    if fp is not None and fp != run.train_fingerprint:
         raise ConfigError(
             f"train.output_dir: {run.cfg.train.output_dir} holds a checkpoint trained on different data; "
             "use a new output_dir"
@@ -763,7 +764,7 @@ def train(cfg: Config, *, progress: bool | None = None,
     preempted = False
     export_dir = None
     final_step = start
-    window = {"flops": 0.0, "tokens": 0.0, "pairs": 0.0, "steps": 0, "t0": time.perf_counter()}
+    window = {"flops": 0.0, "steps": 0, "t0": time.perf_counter()}  # since the last flush
 
     def say(msg: str) -> None:
         if primary:
@@ -799,7 +800,7 @@ def train(cfg: Config, *, progress: bool | None = None,
             logger.log(s_i, h)
         last_train = logger.log(s, rec)
         bar.update(0, rec)
-        window = {"flops": 0.0, "tokens": 0.0, "pairs": 0.0, "steps": 0, "t0": time.perf_counter()}
+        window = {"flops": 0.0, "steps": 0, "t0": time.perf_counter()}
         if bad is not None and t.on_nonfinite == "stop":
             ckpt.wait()  # let a background save of an earlier (clean) step finish
             raise NonFiniteError(_nonfinite_message(bad[0], bad[1], ckpt.latest_step()))
@@ -823,9 +824,11 @@ def train(cfg: Config, *, progress: bool | None = None,
                 flush()
             bar.update(1)
             if t.eval_every and done % t.eval_every == 0 and not is_last and run.eval_examples:
+                t_eval = time.perf_counter()
                 last_eval = logger.log(done, _evaluate_with_hooks(run, t.eval_pairs, eval_hooks), split="eval")
                 say(_eval_line(done, last_eval))
-                window["t0"] = time.perf_counter()
+                # rates cover training time only; the window may still hold unlogged steps
+                window["t0"] += time.perf_counter() - t_eval
             if watch.should_stop():
                 flush()
                 ckpt.wait()

@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from poet_jax import losses
 from poet_jax.models.transformer import segment_attention_mask
 
 F32 = jnp.float32

@@ -218,8 +218,16 @@ def micro_batch_sums(cfg: StepConfig, params, graphdef, rest, ref_params, mb: di
         ref_logps = mb["ref_logps"].astype(F32)
     else:
         ref_logps = None
-    loss, metrics = pair_losses(cfg, pol, ref_logps)
     valid = mb["pair_valid"].astype(F32)
+    vrow = _pair_to_rows(valid, cfg.row_groups)
+    tokens = jnp.sum(mb["attention_mask"].astype(F32) * vrow[:, None])
+    return _reduce_micro_batch(cfg, pol, ref_logps, valid, tokens)
+
+
+def _reduce_micro_batch(cfg: StepConfig, pol: dict, ref_logps, valid: jax.Array, tokens: jax.Array):
+    """``(loss_sum, sums)`` of one micro-batch from its row statistics ``pol`` (``[2b]`` each), the
+    reference log-probs, the pair validity ``[b]`` float32 and its count of real tokens."""
+    loss, metrics = pair_losses(cfg, pol, ref_logps)
     loss_sum, count = losses.reduce_pairs(loss, valid)
     sums = {k: losses.reduce_pairs(v, valid)[0] for k, v in metrics.items()}
     sums["pairs"] = count
@@ -233,7 +241,7 @@ def micro_batch_sums(cfg: StepConfig, params, graphdef, rest, ref_params, mb: di
             "logits/rejected_sum": jnp.sum(lr),
             "tokens/chosen": jnp.sum(tc),
             "tokens/rejected": jnp.sum(tr),
-            "tokens": jnp.sum(mb["attention_mask"].astype(F32) * vrow[:, None]),
+            "tokens": tokens,
         }
     )
     return loss_sum, sums
@@ -259,24 +267,8 @@ def packed_micro_batch_sums(cfg: StepConfig, params, graphdef, rest, ref_params,
         ref_logps = mb["ref_logps"].astype(F32)
     else:
         ref_logps = None
-    loss, metrics = pair_losses(cfg, pol, ref_logps)
     valid = mb["pair_valid"].reshape(-1).astype(F32)
-    loss_sum, count = losses.reduce_pairs(loss, valid)
-    sums = {k: losses.reduce_pairs(v, valid)[0] for k, v in metrics.items()}
-    sums["pairs"] = count
-    vrow = jnp.concatenate([valid, valid])
-    lc, lr = _split_rows(pol["logit_sum"] * vrow)
-    tc, tr = _split_rows(pol["n_tokens"] * vrow)
-    sums.update(
-        {
-            "logits/chosen_sum": jnp.sum(lc),
-            "logits/rejected_sum": jnp.sum(lr),
-            "tokens/chosen": jnp.sum(tc),
-            "tokens/rejected": jnp.sum(tr),
-            "tokens": jnp.sum((mb["segment_ids"] > 0).astype(F32)),
-        }
-    )
-    return loss_sum, sums
+    return _reduce_micro_batch(cfg, pol, ref_logps, valid, jnp.sum((mb["segment_ids"] > 0).astype(F32)))
 
 
 def finalize_metrics(sums: dict) -> dict:
